@@ -1,0 +1,57 @@
+"""Reads of the outbox: delivery windows, and the read-only view the CLI uses with or without a daemon.
+
+Readers never write and never wait on the writer (WAL): a read sees the last commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from forwarder.message import QueuedMessage, message_from_record
+from forwarder.store import schema
+from forwarder.store.writer import Stats
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptRow:
+    """A stored row that does not decode to a message; it is dead-lettered, never retried."""
+
+    id: int
+    error: str
+
+
+def read_window(conn: sqlite3.Connection, after_id: int, limit: int) -> list[QueuedMessage | CorruptRow]:
+    """The next ``limit`` deliverable (not held) messages after ``after_id``, in FIFO (row id) order."""
+    rows = conn.execute(schema.WINDOW, (after_id, limit)).fetchall()
+    return [_decode(*row) for row in rows]
+
+
+def _decode(message_id: int, data: bytes, enqueued_at: float, attempts: int) -> QueuedMessage | CorruptRow:
+    try:
+        message = message_from_record(schema.decode_record(data))
+    except (ValueError, TypeError) as e:
+        return CorruptRow(message_id, str(e)[:200])
+    return QueuedMessage(message_id, message, enqueued_at, attempts, len(data))
+
+
+def open_readonly(data_dir: Path) -> sqlite3.Connection:
+    """Open an existing outbox read-only; ``FileNotFoundError`` if there is none."""
+    db_path = data_dir / schema.DB_FILE
+    if not db_path.exists():
+        raise FileNotFoundError(f"no outbox at {db_path}")
+    return schema.connect(db_path, readonly=True)
+
+
+def read_stats(conn: sqlite3.Connection) -> Stats:
+    """Backlog figures from the counters the writer keeps in each commit: O(1) even with millions queued."""
+    messages, size = conn.execute(schema.STATS).fetchone()
+    oldest = conn.execute(schema.OLDEST).fetchone()
+    dead = conn.execute(schema.COUNT_DEAD).fetchone()[0]
+    return Stats(messages, size, oldest[0] if oldest else None, dead)
+
+
+def read_ids(conn: sqlite3.Connection) -> list[int]:
+    """Every message id in the outbox, in order (tests and ``check`` use it)."""
+    return [row[0] for row in conn.execute(f"SELECT _id FROM {schema.TABLE} ORDER BY _id")]

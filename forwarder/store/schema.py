@@ -1,0 +1,115 @@
+"""The outbox's on-disk shape: every SQL text, every pragma, and the persist-queue contract.
+
+The outbox table is persist-queue's own ``SQLiteAckQueue`` table (created by the library, json
+serializer, never pickle), so the backlog stays readable with persist-queue itself. We bypass the
+library's one-commit-per-``put`` API for group commit; the few internals that relies on (table name,
+columns, status values, serializer) are named here once and pinned by ``tests/test_store_contract.py``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import persistqueue
+import persistqueue.serializers.json as json_serializer
+from persistqueue.sqlackqueue import AckStatus
+
+DB_FILE = "outbox.db"
+QUEUE_NAME = "outbox"
+TABLE = f"{persistqueue.SQLiteAckQueue._TABLE_NAME}_{QUEUE_NAME}"  # persist-queue: "<_TABLE_NAME>_<name>"
+STATUS_READY = int(AckStatus.inited)  # what SQLiteAckQueue.put writes; get() picks statuses < unack
+# A partial write of the WAL is detected by its checksums; with synchronous=FULL every COMMIT fsyncs the
+# WAL before returning, which is what makes an ack survive kill -9 and power loss. WAL lets the flusher
+# and the CLI read while the writer commits. journal_size_limit truncates the WAL after checkpoints so the
+# file does not stay at its high-water mark.
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA journal_size_limit=4194304",
+    "PRAGMA foreign_keys=OFF",
+)
+# Set before the first table exists (it cannot change later without VACUUM): freed pages of delivered
+# messages are returned to the filesystem by incremental_vacuum, off the hot path.
+AUTO_VACUUM = "PRAGMA auto_vacuum=INCREMENTAL"
+
+_CREATE = (
+    """CREATE TABLE IF NOT EXISTS outbox_stats (
+        id INTEGER PRIMARY KEY CHECK (id = 1), messages INTEGER NOT NULL, bytes INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO outbox_stats (id, messages, bytes) VALUES (1, 0, 0)",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key TEXT PRIMARY KEY, message_id INTEGER NOT NULL, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS message_state (
+        message_id INTEGER PRIMARY KEY, attempts INTEGER NOT NULL DEFAULT 0, first_attempt REAL,
+        last_attempt REAL, last_error TEXT, held INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        message_id INTEGER PRIMARY KEY, data BLOB NOT NULL, enqueued_at REAL NOT NULL, reason TEXT NOT NULL,
+        status INTEGER, response BLOB, attempts INTEGER NOT NULL, first_attempt REAL, last_attempt REAL,
+        dead_at REAL NOT NULL)""",
+)
+
+INSERT = f"INSERT INTO {TABLE} (data, timestamp, status) VALUES (?, ?, {STATUS_READY})"
+INSERT_WITH_ID = f"INSERT INTO {TABLE} (_id, data, timestamp, status) VALUES (?, ?, ?, {STATUS_READY})"
+SELECT_ONE = f"SELECT _id, data, timestamp FROM {TABLE} WHERE _id = ?"
+DELETE = f"DELETE FROM {TABLE} WHERE _id = ?"
+DELETE_STATE = "DELETE FROM message_state WHERE message_id = ?"
+OLDEST = f"SELECT timestamp FROM {TABLE} ORDER BY _id LIMIT 1"
+STATS = "SELECT messages, bytes FROM outbox_stats WHERE id = 1"
+ADD_STATS = "UPDATE outbox_stats SET messages = messages + ?, bytes = bytes + ? WHERE id = 1"
+COUNT_DEAD = "SELECT COUNT(*) FROM dead_letters"
+FIND_KEY = "SELECT message_id FROM idempotency_keys WHERE key = ?"
+INSERT_KEY = "INSERT INTO idempotency_keys (key, message_id, created) VALUES (?, ?, ?)"
+PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE created < ?"
+WINDOW = f"""SELECT o._id, o.data, o.timestamp, COALESCE(s.attempts, 0)
+    FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
+    WHERE o._id > ? AND COALESCE(s.held, 0) = 0 ORDER BY o._id LIMIT ?"""
+RECORD_ATTEMPT = """INSERT INTO message_state (message_id, attempts, first_attempt, last_attempt, last_error)
+    VALUES (?, 1, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET attempts = attempts + 1,
+    last_attempt = excluded.last_attempt, last_error = excluded.last_error"""
+STATE_OF = "SELECT attempts, first_attempt, last_attempt, last_error, held FROM message_state WHERE message_id = ?"
+INSERT_DEAD = """INSERT OR REPLACE INTO dead_letters (message_id, data, enqueued_at, reason, status, response,
+    attempts, first_attempt, last_attempt, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """Serialise a record exactly as ``SQLiteAckQueue(serializer=json)`` would."""
+    return json_serializer.dumps(record)
+
+
+def decode_record(data: bytes) -> Any:
+    """Deserialise a stored record; raises ``ValueError`` on bytes that are not JSON."""
+    return json_serializer.loads(bytes(data))
+
+
+def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection in autocommit mode, so transactions are exactly our BEGIN ... COMMIT."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=5.0)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+def create(data_dir: Path) -> Path:
+    """Create (or open) the database and all tables; persist-queue creates its own table."""
+    db_path = data_dir / DB_FILE
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute(AUTO_VACUUM)
+        for pragma in PRAGMAS:
+            conn.execute(pragma)
+        for statement in _CREATE:
+            conn.execute(statement)
+    finally:
+        conn.close()
+    queue = persistqueue.SQLiteAckQueue(
+        str(data_dir), name=QUEUE_NAME, db_file_name=DB_FILE, serializer=json_serializer,
+        multithreading=True, auto_resume=False,
+    )
+    queue.close()
+    return db_path

@@ -1,0 +1,259 @@
+"""The one thread that commits: group commit of everything that arrived during the previous commit.
+
+Owns the write connection. Producers (ingest, the flusher, admin commands) submit ``Op`` values; the
+thread takes all that is waiting (up to ``MAX_BATCH``), applies them in one transaction, commits (one
+fsync for the whole batch), then settles each op: an ack is sent only after ``COMMIT`` returned. If the
+commit fails, every put of the batch is refused with ``StorageFailed`` and nothing of it is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from forwarder.errors import OutboxFull, Refused, StorageFailed
+from forwarder.store import schema
+
+logger = logging.getLogger(__name__)
+MAX_BATCH = 4096
+_MAINTENANCE_EVERY = 30.0  # seconds between incremental vacuum + checkpoint passes, off the ack path
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Where ingest is refused with ``full``; reloadable, read once per batch."""
+
+    max_messages: int = 1_000_000
+    max_bytes: int = 1 << 30
+    min_free_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A consistent snapshot taken right after a commit; metrics and status read this, never SQLite."""
+
+    messages: int = 0
+    bytes: int = 0
+    oldest_enqueued_at: float | None = None
+    dead_letters: int = 0
+
+
+class Events(Protocol):
+    """What the writer reports; the daemon wires it to metrics. Documented here, once."""
+
+    def committed(self, ops: int, seconds: float) -> None:
+        """A batch of ``ops`` changes was committed in ``seconds``."""
+
+    def storage_error(self, kind: str) -> None:
+        """A commit failed; ``kind`` is ``disk_full`` or ``io``."""
+
+    def dead_letter(self, reason: str) -> None:
+        """A message moved to the dead letters for ``reason``."""
+
+
+class Batch:
+    """The open transaction as an op sees it: a cursor, the clock, and the running stats delta."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int], str | None]) -> None:
+        self.conn = conn
+        self.now = now
+        self._room = room
+        self.messages = 0
+        self.bytes = 0
+        self.removed = False
+        self.dead_delta = 0
+        self.dead_reasons: list[str] = []
+
+    def added(self, messages: int, size: int) -> None:
+        """Account for rows entering (+) or leaving (-) the outbox in this transaction."""
+        self.messages += messages
+        self.bytes += size
+        self.removed = self.removed or messages < 0
+
+    def check_room(self, size: int) -> None:
+        """Refuse a new message of ``size`` bytes if a limit would be crossed."""
+        reason = self._room(self.messages + 1, self.bytes + size)
+        if reason is not None:
+            raise OutboxFull(reason)
+
+    def dead_lettered(self, reason: str) -> None:
+        """Account for a message moved to the dead letters in this transaction."""
+        self.dead_delta += 1
+        self.dead_reasons.append(reason)
+
+
+class Op:
+    """One change applied inside a commit batch, settled after the commit or rollback."""
+
+    retry_on_failure: ClassVar[bool] = True  # deliveries and admin changes get one more try; puts are refused
+    tries: int = 0
+
+    def apply(self, batch: Batch) -> None:
+        """Execute this op's statements inside the open transaction."""
+        raise NotImplementedError
+
+    def settle(self, failure: Refused | None) -> None:
+        """Tell the submitter how it ended; called on the writer thread, must not block."""
+
+
+class Writer:
+    """The committing thread and its queue of ops."""
+
+    def __init__(self, db_path: Path, events: Events, limits: Limits) -> None:
+        self.limits = limits
+        self._db_path = db_path
+        self._events = events
+        self._conn = schema.connect(db_path)
+        self._queue: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._retry: list[Op] = []
+        self._listeners: list[Callable[[], None]] = []
+        self._last_maintenance = time.monotonic()
+        self.stats = self._read_stats()
+        self.commit_healthy = True  # False from a failed commit until the next successful one
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (cheap, non-blocking) after every commit that added messages."""
+        self._listeners.append(listener)
+
+    def submit(self, op: Op) -> None:
+        self._queue.put(op)
+
+    def stop(self) -> None:
+        """Commit everything submitted so far, then stop the thread and close the connection."""
+        self._queue.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _read_stats(self) -> Stats:
+        messages, size = self._conn.execute(schema.STATS).fetchone()
+        oldest = self._conn.execute(schema.OLDEST).fetchone()
+        dead = self._conn.execute(schema.COUNT_DEAD).fetchone()[0]
+        return Stats(messages, size, oldest[0] if oldest else None, dead)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch, stopping = self._next_batch()
+                if batch:
+                    self._commit(batch)
+                if stopping:
+                    for op in self._retry:
+                        op.settle(StorageFailed("the daemon stopped before this change could be committed"))
+                    return
+                self._maintain()
+        except Exception:
+            logger.exception("Outbox writer crashed")
+            raise
+
+    def _next_batch(self) -> tuple[list[Op], bool]:
+        batch, self._retry = self._retry, []
+        if not batch:
+            first = self._queue.get()
+            if first is None:
+                return [], True
+            batch.append(first)
+        while len(batch) < MAX_BATCH:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                return batch, True
+            batch.append(op)
+        return batch, False
+
+    def _commit(self, ops: list[Op]) -> None:
+        started = time.monotonic()
+        batch = Batch(self._conn, time.time(), self._room)
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            results = [self._apply(op, batch) for op in ops]
+            if batch.messages or batch.bytes:
+                self._conn.execute(schema.ADD_STATS, (batch.messages, batch.bytes))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            self._fail(ops, e)
+            return
+        self.commit_healthy = True
+        self._events.committed(len(ops), time.monotonic() - started)
+        self._refresh_stats(batch)
+        for op, refusal in zip(ops, results, strict=True):
+            op.settle(refusal)
+        for reason in batch.dead_reasons:
+            self._events.dead_letter(reason)
+        if batch.messages > 0:
+            for listener in self._listeners:
+                listener()
+
+    @staticmethod
+    def _apply(op: Op, batch: Batch) -> Refused | None:
+        try:
+            op.apply(batch)
+        except Refused as refusal:
+            return refusal
+        return None
+
+    def _room(self, messages: int, size: int) -> str | None:
+        """Why ``messages`` more messages of ``size`` bytes in all would not fit, or None."""
+        stats, limits = self.stats, self.limits
+        if stats.messages + messages > limits.max_messages:
+            return f"backlog is at its limit of {limits.max_messages} messages"
+        if stats.bytes + size > limits.max_bytes:
+            return f"backlog is at its limit of {limits.max_bytes} bytes"
+        vfs = os.statvfs(self._db_path.parent)
+        if vfs.f_bavail * vfs.f_frsize < limits.min_free_bytes:
+            return f"free disk space on the data volume is below {limits.min_free_bytes} bytes"
+        return None
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # no transaction left to roll back: SQLite already did it on the failed statement
+
+    def _fail(self, ops: list[Op], error: sqlite3.Error) -> None:
+        kind = "disk_full" if getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" else "io"
+        self.commit_healthy = False
+        self._events.storage_error(kind)
+        logger.error("Commit failed; the batch was rolled back", extra={"fields": {
+            "kind": kind, "ops": len(ops), "error": str(error)}})
+        failure = StorageFailed(f"{'disk full' if kind == 'disk_full' else 'storage error'}: {error}")
+        for op in ops:
+            op.tries += 1
+            if op.retry_on_failure and op.tries < 2:
+                self._retry.append(op)
+            else:
+                op.settle(failure)
+
+    def _refresh_stats(self, batch: Batch) -> None:
+        old = self.stats
+        oldest = old.oldest_enqueued_at
+        if batch.removed or oldest is None:
+            row = self._conn.execute(schema.OLDEST).fetchone()
+            oldest = row[0] if row else None
+        self.stats = Stats(old.messages + batch.messages, old.bytes + batch.bytes, oldest,
+                           old.dead_letters + batch.dead_delta)
+
+    def _maintain(self) -> None:
+        """Give freed pages back and checkpoint the WAL, at most every ``_MAINTENANCE_EVERY`` seconds."""
+        if time.monotonic() - self._last_maintenance < _MAINTENANCE_EVERY or not self._queue.empty():
+            return
+        self._last_maintenance = time.monotonic()
+        try:
+            self._conn.execute("PRAGMA incremental_vacuum")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            logger.warning("Outbox maintenance failed; will try again", extra={"fields": {"error": str(e)}})

@@ -1,0 +1,1 @@
+"""Test support: a real daemon process, and helpers for raw socket frames."""
