@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(commands, "status", _status, "backlog figures (daemon running or not; read-only)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _command(commands, "health", _health, "exit 0 if the daemon answers ping, else 1 with the reason")
+    demo = commands.add_parser("demo", help="run the whole job end to end locally (under a minute)")
+    demo.set_defaults(run=_demo)
     fake = commands.add_parser("fake-api", help="run a local Turret.IO-compatible HTTPS server",
                                add_help=False)
     fake.add_argument("fake_args", nargs=argparse.REMAINDER)
@@ -175,6 +177,12 @@ def _health(args: argparse.Namespace, environ: dict[str, str]) -> int:
         return EXIT_FAILURE
     print("ok")
     return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    from forwarder.demo import run_demo
+
+    return run_demo()
 
 
 def _fake_api(args: argparse.Namespace, environ: dict[str, str]) -> int:

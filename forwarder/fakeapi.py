@@ -256,15 +256,20 @@ class FakeTurretIO:
         return f"https://{self.host}:{self.port}"
 
     def start(self) -> None:
-        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
-        certfile = self._certfile
-        if certfile is None:
-            self._own_dir = None if self._cert_dir else tempfile.mkdtemp(prefix="turret-fake-api-")
-            self.ca_file, certfile = _generate_certificate(Path(self._cert_dir or str(self._own_dir)))
-        self._context.load_cert_chain(certfile, self._keyfile)
-        self._running = True
-        self._sync_listener()
+        """Listen; undone by stop(), also when it fails half-way (no temp dir or socket is left behind)."""
+        try:
+            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+            certfile = self._certfile
+            if certfile is None:
+                self._own_dir = None if self._cert_dir else tempfile.mkdtemp(prefix="turret-fake-api-")
+                self.ca_file, certfile = _generate_certificate(Path(self._cert_dir or str(self._own_dir)))
+            self._context.load_cert_chain(certfile, self._keyfile)
+            self._running = True
+            self._sync_listener()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Return promptly even with hanging connections: wake every waiter, shut every socket down."""
