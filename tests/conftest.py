@@ -38,6 +38,7 @@ def socket_path(short_dir: Path) -> Path:
 
 @pytest.fixture
 def fake_api(tmp_path: Path) -> Iterator[FakeTurretIO]:
+    (tmp_path / "certs").mkdir()
     api = FakeTurretIO(api_key=API_KEY, api_secret_b64=API_SECRET, cert_dir=str(tmp_path / "certs"))
     api.start()
     yield api

@@ -385,7 +385,8 @@ def test_main_refuses_a_control_address_off_loopback(capsys: pytest.CaptureFixtu
 def test_main_serves_with_the_env_secret_until_sigterm(tmp_path: Path) -> None:
     secret = base64.b64encode(b"secret-from-env").decode()
     program = "import sys; from forwarder.fakeapi import main; sys.exit(main(sys.argv[1:]))"
-    command = [sys.executable, "-c", program, "--port", "0", "--control", "127.0.0.1:0", "--cert-dir", str(tmp_path)]
+    command = [sys.executable, "-c", program, "--port", "0", "--control", "127.0.0.1:0",
+               "--cert-dir", str(tmp_path)]
     with subprocess.Popen(command, cwd=REPO, env={"TURRET_API_SECRET": secret, "PATH": "/usr/bin:/bin"},
                           stdout=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
