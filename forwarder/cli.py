@@ -80,15 +80,18 @@ def _command(commands: Any, name: str, run: Callable[[argparse.Namespace, dict[s
     return parser
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+
+
 def _config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
-    flags = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-    return load_config(flags, environ)
+    return load_config(_flags(args), environ)
 
 
 def _serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from forwarder.daemon import serve
 
-    serve(_config(args, environ))
+    serve(_flags(args), environ)
     return EXIT_OK
 
 

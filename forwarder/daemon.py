@@ -9,19 +9,24 @@ gunicorn's arbiter); the work happens in the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from forwarder import __version__
-from forwarder.config import Config
+from forwarder.config import Config, changed_settings, load_config
+from forwarder.errors import ConfigError
 from forwarder.delivery import Flusher
 from forwarder.ingest import IngestServer, SocketOptions
 from forwarder.logs import register_secret, setup_logging
 from forwarder.metrics import Metrics, MetricsServer, Snapshot
+from forwarder.reload import ConfigWatcher
 from forwarder.store import Limits, Outbox
 from forwarder.turretio import Credentials, TurretUpstream
 
@@ -40,10 +45,16 @@ def limits_of(config: Config) -> Limits:
 
 
 class Daemon:
-    """One running forwarder: owns every component for the life of ``serve``."""
+    """One running forwarder: owns every component for the life of ``serve``.
 
-    def __init__(self, config: Config) -> None:
+    ``flags`` and ``environ`` are kept so that a reload re-reads the config file and the secret files
+    exactly as the start did, with the same precedence.
+    """
+
+    def __init__(self, config: Config, flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
         self.config = config
+        self._flags, self._environ = dict(flags), dict(environ)
+        self._last_reload_error: str | None = None
         self.started_at = time.time()
         self.metrics = Metrics(CollectorRegistry(), self._snapshot, __version__)
         self.outbox = Outbox(config.data_dir, events=self.metrics, limits=limits_of(config))
@@ -57,6 +68,7 @@ class Daemon:
             self.outbox.close()
             raise
         self._metrics_server: MetricsServer | None = None
+        self._watcher: ConfigWatcher | None = None
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
@@ -64,6 +76,7 @@ class Daemon:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         try:
             await self.ingest.start()
         except BaseException:
@@ -71,6 +84,11 @@ class Daemon:
             raise
         self.flusher.start()
         self._start_metrics()
+        def on_file_change() -> None:  # on the watcher's thread: hand over to the loop
+            loop.call_soon_threadsafe(self.reload, "file")
+
+        self._watcher = ConfigWatcher(self._watched_files(), on_file_change, self.config.reload_interval)
+        self._watcher.start()
         logger.info("Forwarder ready", extra={"fields": {
             "version": __version__, "data_dir": str(self.config.data_dir), "backlog": self.outbox.stats.messages,
             "credentials": "present" if credentials_of(self.config) else "missing"}})
@@ -88,12 +106,57 @@ class Daemon:
     async def _shutdown(self) -> None:
         timeout = self.config.shutdown_timeout
         logger.info("Shutting down", extra={"fields": {"timeout_seconds": timeout}})
+        if self._watcher is not None:
+            self._watcher.stop()
         await self.ingest.stop(timeout)
         await asyncio.to_thread(self.flusher.stop, timeout)
         self.outbox.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         logger.info("Stopped cleanly")
+
+    def _watched_files(self) -> list[Path]:
+        config = self.config
+        return [path for path in (config.config_file, *config.secret_files) if path is not None]
+
+    def reload(self, reason: str) -> None:
+        """Re-read settings and secrets; apply what may change live, report what needs a restart.
+
+        Runs on the event loop (SIGHUP, or the watcher through ``call_soon_threadsafe``). An invalid or
+        half-written file keeps the last good settings and is reported once per distinct error.
+        """
+        try:
+            new = load_config(self._flags, self._environ)
+        except ConfigError as e:
+            self.metrics.reloads.labels("invalid").inc()
+            if str(e) != self._last_reload_error:
+                self._last_reload_error = str(e)
+                logger.error("Reload failed; keeping the last good settings", extra={"fields": {
+                    "reason": reason, "error": str(e)}})
+            return
+        self._last_reload_error = None
+        reloadable, fixed = changed_settings(self.config, new)
+        if fixed:
+            self.metrics.reloads.labels("needs_restart").inc()
+            logger.warning("Some changed settings apply only after a restart; they keep their old values",
+                           extra={"fields": {"settings": fixed}})
+            new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in fixed})
+        if not reloadable:
+            self.metrics.reloads.labels("unchanged").inc()
+            return
+        self._apply(new)
+        self.metrics.reloads.labels("applied").inc()
+        logger.info("Reloaded settings", extra={"fields": {"reason": reason, "settings": reloadable}})
+
+    def _apply(self, config: Config) -> None:
+        self.config = config
+        setup_logging(config.log_format, config.log_level, config.log_emails)
+        _register_secrets(config)
+        self.outbox.limits = limits_of(config)
+        self.ingest.max_message_bytes, self.ingest.idle_timeout = config.max_message_bytes, config.idle_timeout
+        self.flusher.apply(config, credentials_of(config))
+        if self._watcher is not None:
+            self._watcher.watch(self._watched_files())
 
     def _snapshot(self) -> Snapshot:
         stats = self.outbox.stats
@@ -124,11 +187,15 @@ class Daemon:
         return True, f"ready ({state})"
 
 
-def serve(config: Config) -> None:
-    """The ``serve`` command: run the daemon in the foreground until SIGTERM/SIGINT."""
-    setup_logging(config.log_format, config.log_level, config.log_emails)
+def _register_secrets(config: Config) -> None:
     for secret in (config.api_key, config.api_secret):
         if secret is not None:
             register_secret(secret.reveal())
-    daemon = Daemon(config)
-    asyncio.run(daemon.run())
+
+
+def serve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+    """The ``serve`` command: run the daemon in the foreground until SIGTERM/SIGINT."""
+    config = load_config(flags, environ)
+    setup_logging(config.log_format, config.log_level, config.log_emails)
+    _register_secrets(config)
+    asyncio.run(Daemon(config, flags, environ).run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -48,9 +49,10 @@ def post(fake: FakeTurretIO, path: str = WORKED_PATH, body: bytes = WORKED_BODY,
          headers: dict[str, str] | None = None, client: requests.Session | None = None,
          timeout: float | None = 10, stream: bool = False) -> requests.Response:
     """POST the worked vector or a variant; ``verify`` is explicit as this machine sets REQUESTS_CA_BUNDLE."""
-    return (client or requests.Session()).post(
-        fake.url + path, data=body, headers=WORKED_HEADERS if headers is None else headers,
-        verify=fake.ca_file, timeout=timeout, stream=stream)
+    with contextlib.ExitStack() as stack:
+        sender = client or stack.enter_context(requests.Session())
+        return sender.post(fake.url + path, data=body, headers=WORKED_HEADERS if headers is None else headers,
+                           verify=fake.ca_file, timeout=timeout, stream=stream)
 
 
 def sign(secret_b64: str, path: str, json_text: str, stamp: str) -> str:
@@ -249,11 +251,11 @@ def test_stall_body_sends_headers_but_never_the_body(fake_api: FakeTurretIO) -> 
 
     with pytest.raises(requests.exceptions.ConnectionError, match="Read timed out"):
         post(fake_api, timeout=0.2)
-    response = post(fake_api, stream=True)
-    assert (response.status_code, response.headers["Content-Length"]) == (200, "16")
-    fake_api.set_mode("up")  # ends the stall by closing the connection, body unsent
-    with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        response.content  # noqa: B018 - reading the body is the point
+    with post(fake_api, stream=True) as response:
+        assert (response.status_code, response.headers["Content-Length"]) == (200, "16")
+        fake_api.set_mode("up")  # ends the stall by closing the connection, body unsent
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            response.content  # noqa: B018 - reading the body is the point
 
     assert post(fake_api).status_code == 200
     assert [r.status for r in fake_api.received()] == [200, 200, 200]
@@ -271,17 +273,17 @@ def test_delay_holds_every_answer(fake_api: FakeTurretIO) -> None:
 def test_stop_returns_with_hanging_and_half_open_connections(tmp_path: Path) -> None:
     fake = FakeTurretIO(cert_dir=str(tmp_path))
     fake.start()
-    session = requests.Session()
-    post(fake, client=session)
-    fake.set_mode("hang")
-    with ThreadPoolExecutor(1) as pool, socket.create_connection(("127.0.0.1", fake.port)):
-        hung = pool.submit(post, fake, client=session, timeout=None)
-        fake.wait_for_count(2, timeout=10, delivered=False)
+    with requests.Session() as session, ThreadPoolExecutor(1) as pool:
+        post(fake, client=session)
+        fake.set_mode("hang")
+        with socket.create_connection(("127.0.0.1", fake.port)):  # hangs before TLS
+            hung = pool.submit(post, fake, client=session, timeout=None)  # hangs on an open connection
+            fake.wait_for_count(2, timeout=10, delivered=False)
 
-        fake.stop()
+            fake.stop()
 
-        with pytest.raises(requests.exceptions.ConnectionError):
-            hung.result()
+            with pytest.raises(requests.exceptions.ConnectionError):
+                hung.result()
     assert [t.name for t in threading.enumerate() if t.name.startswith("fake-api")] == []
 
 
