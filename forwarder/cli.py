@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from forwarder import __version__
+from forwarder import __version__, admin
 from forwarder.client import Client, ForwarderUnavailable
 from forwarder.config import Config, add_arguments, load_config
 from forwarder.errors import AlreadyRunning, ConfigError, ForwarderError, Refused
@@ -26,6 +26,8 @@ EXIT_USAGE = 2  # bad flag or setting
 EXIT_ALREADY_RUNNING = 3
 
 _CONNECTION_SETTINGS = ("socket", "data_dir")
+_NOT_SETTINGS = frozenset({"run", "command", "action", "id", "all", "json", "limit", "show_emails", "yes",
+                           "older_than", "email", "attr", "prop", "key", "fake_args"})
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -46,6 +48,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:  # `... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(commands, "status", _status, "backlog figures (daemon running or not; read-only)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _command(commands, "health", _health, "exit 0 if the daemon answers ping, else 1 with the reason")
+    admin.add_commands(commands, _command, config_of)
     demo = commands.add_parser("demo", help="run the whole job end to end locally (under a minute)")
     demo.set_defaults(run=_demo)
     fake = commands.add_parser("fake-api", help="run a local Turret.IO-compatible HTTPS server",
@@ -72,19 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands: Any, name: str, run: Callable[[argparse.Namespace, dict[str, str]], int], help: str,
-             settings: Sequence[str] | None = _CONNECTION_SETTINGS) -> argparse.ArgumentParser:
+def _command(commands: Any, name: str, run: Callable[[argparse.Namespace, dict[str, str]], int] | None,
+             help: str, settings: Sequence[str] | None = _CONNECTION_SETTINGS) -> argparse.ArgumentParser:
+    """A subcommand with the settings flags it needs; ``run=None`` for a group of subcommands."""
     parser: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
-    add_arguments(parser, settings)
-    parser.set_defaults(run=run)
+    if run is not None:
+        add_arguments(parser, settings)
+        parser.set_defaults(run=run)
     return parser
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
 
 
-def _config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+def config_of(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    """The settings a command runs with: its flags over the environment over the file."""
     return load_config(_flags(args), environ)
 
 
@@ -96,7 +105,7 @@ def _serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
 
 
 def _send(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    config = _config(args, environ)
+    config = config_of(args, environ)
     with Client(str(config.socket)) as client:
         if args.email:
             message_id = client.set(args.email, _pairs(args.attr, "--attr"), _pairs(args.prop, "--prop"),
@@ -136,7 +145,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 def _status(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from forwarder.store import open_readonly, read_stats
 
-    config = _config(args, environ)
+    config = config_of(args, environ)
     try:
         conn = open_readonly(config.data_dir)
     except FileNotFoundError as e:
@@ -171,7 +180,7 @@ def _daemon_status(socket_path: Path) -> dict[str, Any]:
 
 
 def _health(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    config = _config(args, environ)
+    config = config_of(args, environ)
     try:
         with Client(str(config.socket), timeout=2.0) as client:
             client.ping()

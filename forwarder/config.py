@@ -139,6 +139,10 @@ def _duration(at_least: str) -> Callable[[object], float]:
     return _quantity(_SECONDS, "duration (use 250ms, 5s, 2m, 1h, 5d or seconds)", at_least)
 
 
+parse_duration = _duration(at_least="0s")
+"""A duration as the settings take it ("7d", "90m", "300"), for command flags such as ``--older-than``."""
+
+
 def _size(at_least: str) -> Callable[[object], int]:
     parse = _quantity(_BYTES, "size (use 512KiB, 64MiB, 1GiB, 1MB or bytes)", at_least)
     return lambda raw: int(parse(raw))

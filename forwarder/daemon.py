@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -21,16 +23,19 @@ from prometheus_client import CollectorRegistry
 
 from forwarder import __version__
 from forwarder.config import Config, changed_settings, load_config
-from forwarder.errors import ConfigError
+from forwarder.errors import ConfigError, InvalidMessage, Refused
 from forwarder.delivery import Flusher
 from forwarder.ingest import IngestServer, SocketOptions
 from forwarder.logs import register_secret, setup_logging
 from forwarder.metrics import Metrics, MetricsServer, Snapshot
+from forwarder.protocol import encode_ok, encode_refusal
 from forwarder.reload import ConfigWatcher
 from forwarder.store import Limits, Outbox
+from forwarder.store.admin import change_for
 from forwarder.turretio import Credentials, TurretUpstream
 
 logger = logging.getLogger(__name__)
+ADMIN_SOCKET = "admin.sock"  # in the data dir, mode 0600: queue tools of the daemon's own user only
 
 
 def credentials_of(config: Config) -> Credentials | None:
@@ -84,6 +89,11 @@ class Daemon:
             raise
         self.flusher.start()
         self._start_metrics()
+        old_umask = os.umask(0o177)  # the admin socket is the daemon user's alone (0600) from its first moment
+        try:
+            admin = await asyncio.start_unix_server(self._serve_admin, self.config.data_dir / ADMIN_SOCKET)
+        finally:
+            os.umask(old_umask)
         def on_file_change() -> None:  # on the watcher's thread: hand over to the loop
             loop.call_soon_threadsafe(self.reload, "file")
 
@@ -93,7 +103,7 @@ class Daemon:
             "version": __version__, "data_dir": str(self.config.data_dir), "backlog": self.outbox.stats.messages,
             "credentials": "present" if credentials_of(self.config) else "missing"}})
         await stop.wait()
-        await self._shutdown()
+        await self._shutdown(admin)
 
     def _start_metrics(self) -> None:
         if self.config.metrics_addr is None:
@@ -103,11 +113,48 @@ class Daemon:
         self._metrics_server.start()
         logger.info("Serving metrics", extra={"fields": {"address": f"{host}:{self._metrics_server.address[1]}"}})
 
-    async def _shutdown(self) -> None:
+    async def _serve_admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Queue tools' changes, committed by our writer (nobody else may write the data dir)."""
+        try:
+            while line := await reader.readline():
+                writer.write(await self._admin_reply(line))
+                await writer.drain()
+        except ConnectionError:
+            pass  # the operator's command went away; nothing was left half done
+        finally:
+            writer.close()
+
+    async def _admin_reply(self, line: bytes) -> bytes:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise InvalidMessage("an admin request is a JSON object")
+            count = await self._admin(request)
+        except json.JSONDecodeError as e:
+            return encode_refusal(InvalidMessage(f"not valid JSON: {e}"))
+        except Refused as refusal:
+            return encode_refusal(refusal)
+        return encode_ok(count=count)
+
+    async def _admin(self, request: dict[str, Any]) -> int:
+        op = request.get("op")
+        if op == "flush":
+            self.flusher.flush()
+            return 0
+        if op == "compact":
+            return await asyncio.wrap_future(self.outbox.compact())
+        count = await asyncio.wrap_future(self.outbox.admin(change_for(request)))
+        logger.info("Operator changed the outbox", extra={"fields": {"op": op, "messages": count}})
+        self.flusher.resync()
+        return count
+
+    async def _shutdown(self, admin: asyncio.Server) -> None:
         timeout = self.config.shutdown_timeout
         logger.info("Shutting down", extra={"fields": {"timeout_seconds": timeout}})
         if self._watcher is not None:
             self._watcher.stop()
+        admin.close()
+        (self.config.data_dir / ADMIN_SOCKET).unlink(missing_ok=True)
         await self.ingest.stop(timeout)
         await asyncio.to_thread(self.flusher.stop, timeout)
         self.outbox.close()

@@ -46,6 +46,7 @@ class _Lane:
     messages: collections.deque[QueuedMessage] = field(default_factory=collections.deque)
     failures: int = 0  # consecutive message-level failures of the head, for its backoff
     busy: bool = False  # head in flight, delayed, or parked: not in the ready queue
+    in_flight: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class _Signal(enum.Enum):
     WAKE = "wake"  # new messages were committed
     CREDENTIALS = "credentials"  # credentials were reloaded
     FLUSH = "flush"  # operator: retry everything now, re-read the outbox from the start
+    RESYNC = "resync"  # operator changed the outbox (hold, release, purge, dead retry): re-read it
     STOP = "stop"
 
 
@@ -128,8 +130,12 @@ class Flusher:
             self._events.put(_Signal.CREDENTIALS)
 
     def flush(self) -> None:
-        """Retry everything now: forget every backoff and re-read the outbox (after holds or retries)."""
+        """Retry everything now: forget every backoff and re-read the outbox."""
         self._events.put(_Signal.FLUSH)
+
+    def resync(self) -> None:
+        """The outbox was changed by an operator: re-read the window so holds and retries apply."""
+        self._events.put(_Signal.RESYNC)
 
     @property
     def state(self) -> str:
@@ -183,6 +189,8 @@ class Flusher:
             self._resume_credentials("credentials reloaded")
         elif event is _Signal.FLUSH:
             self._flush_now()
+        elif event is _Signal.RESYNC:
+            self._resync()
         return event is _Signal.STOP
 
     def _finish_in_flight(self) -> None:
@@ -255,7 +263,7 @@ class Flusher:
         return time.time() - queued.enqueued_at > self._config.max_age
 
     def _send(self, lane: _Lane, queued: QueuedMessage, probe: bool) -> None:
-        lane.busy = True
+        lane.busy = lane.in_flight = True
         self._probing = self._probing or probe
         self._in_flight += 1
         self._jobs.put(_Job(lane, queued, self._credentials, probe))
@@ -293,11 +301,21 @@ class Flusher:
 
     def _flush_now(self) -> None:
         logger.info("Flush requested: retrying everything now")
-        while self._delayed:
-            self._ready.append(heapq.heappop(self._delayed)[2])
-        for lane in self._lanes.values():
-            lane.failures = 0
         self._gate_failures, self._gate_until, self._next_auth_probe = 0, 0.0, 0.0
+        self._resync()
+
+    def _resync(self) -> None:
+        """Forget the window, except heads in flight, and re-read it from the start of the outbox."""
+        in_flight = {key: lane for key, lane in self._lanes.items() if lane.in_flight}
+        for lane in self._lanes.values():
+            for queued in list(lane.messages)[1 if lane.in_flight else 0:]:
+                self._loaded.discard(queued.id)
+        for lane in in_flight.values():
+            lane.messages = collections.deque([lane.messages[0]])
+        self._lanes = in_flight
+        self._ready.clear()
+        self._delayed.clear()
+        self._parked.clear()
         self._cursor, self._more = 0, True
 
     def _advance(self, lane: _Lane) -> None:
@@ -318,6 +336,7 @@ class Flusher:
     def _on_done(self, done: _Done) -> None:
         self._in_flight -= 1
         job, outcome = done.job, done.outcome
+        job.lane.in_flight = False
         if job.probe:
             self._probing = False
         self.metrics.attempts.labels(outcome.result.value).inc()
@@ -370,13 +389,14 @@ class Flusher:
             lane.busy = False
             self._ready.append(lane)
             return
-        self.outbox.record_attempt(queued.id, outcome.reason)
         lane.failures += 1
         if config.max_attempts and queued.attempts + lane.failures >= config.max_attempts:
             self.outbox.dead_letter(queued.id, "max_attempts", response=outcome.reason.encode())
             self._advance(lane)
             return
-        self._delay(lane, max(outcome.after or 0.0, backoff.delay(lane.failures, self._rng)))
+        delay = max(outcome.after or 0.0, backoff.delay(lane.failures, self._rng))
+        self.outbox.record_attempt(queued.id, outcome.reason, time.time() + delay)
+        self._delay(lane, delay)
 
     def _close_gate(self, outcome: Retry, backoff: Backoff) -> None:
         now = time.monotonic()

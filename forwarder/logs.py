@@ -71,6 +71,11 @@ def _mask(text: str, log_emails: bool) -> str:
     return text if log_emails else _EMAIL.sub(_ref_of_match, text)
 
 
+def redact(text: str) -> str:
+    """``text`` as a log line would show it by default: secrets masked, addresses as short hashes."""
+    return _mask(text, log_emails=False)
+
+
 class _Formatter(logging.Formatter):
     """Builds the redacted line as a dict, then renders it with the strategy of the chosen format."""
 

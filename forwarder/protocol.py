@@ -18,6 +18,7 @@ from forwarder.errors import InvalidMessage, Refused
 from forwarder.message import Kind, Message
 
 MAX_KEY_CHARS = 200
+MAX_DEPTH = 32  # of a post body; the store and the flusher re-encode it on deeper stacks than ours
 _PRESIGNED_FIELDS = frozenset({"url", "api_key", "time", "signature", "payload"})
 # Characters requests/urllib3 send unchanged in a path. Anything else (space, %, ?, #, non-ASCII,
 # {, |, ...) would be re-encoded or cut by the HTTP client after signing, and the signature would break.
@@ -42,9 +43,11 @@ Request = Message | Ping | StatusRequest
 def parse_frame(line: bytes) -> Request:
     """Parse one request line (without its newline) into a ``Message`` or ``Ping``."""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidMessage(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidMessage(f"not valid JSON: nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(obj, dict):
         raise InvalidMessage(f"a request must be a JSON object, got {type(obj).__name__}")
     if "op" not in obj and _PRESIGNED_FIELDS & obj.keys():
@@ -61,6 +64,11 @@ def parse_frame(line: bytes) -> Request:
     if op == "post":
         return _parse_post(obj)
     raise InvalidMessage(f"unknown op {op!r}: expected set, post, ping, status or a queue_set payload")
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are Python's extension, not JSON: the API could not parse the body we would send."""
+    raise InvalidMessage(f"not valid JSON: {name} is not a JSON number")
 
 
 def _check_fields(obj: dict[str, Any], allowed: set[str] | frozenset[str], what: str) -> None:
@@ -129,7 +137,7 @@ def _parse_set(obj: dict[str, Any]) -> Message:
     attributes = _string_map(obj.get("attributes", {}), "attributes")
     if "properties" in attributes:
         raise InvalidMessage("attributes.properties is reserved: send it as the properties field")
-    properties = _string_map(obj.get("properties") or {}, "properties")
+    properties = _string_map(obj.get("properties", {}), "properties")
     body = {"email": email, "attributes": attributes, "properties": properties}
     return Message(Kind.SET, body, _parse_key(obj))
 
@@ -140,7 +148,19 @@ def _parse_post(obj: dict[str, Any]) -> Message:
     body = obj.get("body", {})
     if not isinstance(body, dict):
         raise InvalidMessage("body must be a JSON object")
+    _check_depth(body)
     return Message(Kind.POST, {"path": path, "body": body}, _parse_key(obj))
+
+
+def _check_depth(body: dict[str, Any]) -> None:
+    """Refuse a body nested deeper than ``MAX_DEPTH``, level by level (no recursion of our own)."""
+    level: list[Any] = [body]
+    for _ in range(MAX_DEPTH):
+        level = [child for value in level
+                 for child in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())]
+        if not level:
+            return
+    raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels")
 
 
 def _parse_presigned(obj: dict[str, Any]) -> Message:

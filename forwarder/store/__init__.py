@@ -7,6 +7,7 @@ A package split Vector's way: ``schema`` (all SQL text, pragmas, the persist-que
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import logging
 import os
@@ -19,12 +20,24 @@ from types import TracebackType
 from forwarder.errors import AlreadyRunning
 from forwarder.message import Message, QueuedMessage
 from forwarder.store import reader, schema
-from forwarder.store.ops import DeadLetter, Put, PutDone, RecordAttempt, Remove
-from forwarder.store.reader import CorruptRow, open_readonly, read_ids, read_stats
+from forwarder.store.admin import Change
+from forwarder.store.ops import AdminOp, DeadLetter, Put, PutDone, RecordAttempt, Remove, Vacuum
+from forwarder.store.reader import (
+    CorruptRow,
+    integrity_check,
+    list_dead,
+    list_queue,
+    open_readonly,
+    read_ids,
+    read_stats,
+    show_dead,
+    show_queue,
+)
 from forwarder.store.writer import Events, Limits, Stats, Writer
 
 logger = logging.getLogger(__name__)
-__all__ = ["CorruptRow", "Events", "Limits", "Outbox", "Stats", "Window", "open_readonly", "read_ids", "read_stats"]
+__all__ = ["Change", "CorruptRow", "Events", "Limits", "Outbox", "Stats", "Window", "integrity_check", "list_dead",
+           "list_queue", "open_readonly", "read_ids", "read_stats", "show_dead", "show_queue"]
 
 
 class _NoEvents:
@@ -94,8 +107,21 @@ class Outbox:
         """A message was delivered: remove it in the next commit (no waiting)."""
         self._writer.submit(Remove(message_id))
 
-    def record_attempt(self, message_id: int, error: str) -> None:
-        self._writer.submit(RecordAttempt(message_id, error))
+    def record_attempt(self, message_id: int, error: str, next_attempt: float | None = None) -> None:
+        """Count a failed attempt and keep its error and next try (wall clock) for ``queue list``."""
+        self._writer.submit(RecordAttempt(message_id, error, next_attempt))
+
+    def admin(self, change: Change) -> concurrent.futures.Future[int]:
+        """Commit an operator's change (see ``store.admin``); the future gives how many messages it touched."""
+        op = AdminOp(change)
+        self._writer.submit(op)
+        return op.result
+
+    def compact(self) -> concurrent.futures.Future[int]:
+        """VACUUM, by the writer, between two commits (ingest waits meanwhile: an operator's choice)."""
+        op = Vacuum()
+        self._writer.submit(op)
+        return op.result
 
     def dead_letter(self, message_id: int, reason: str, status: int | None = None, response: bytes = b"",
                     counts_attempt: bool = True) -> None:

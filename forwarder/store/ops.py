@@ -77,10 +77,12 @@ class RecordAttempt(Op):
 
     message_id: int
     error: str
+    next_attempt: float | None  # wall clock, for `queue list`
 
     def apply(self, batch: Batch) -> None:
         if batch.conn.execute(schema.SELECT_ONE, (self.message_id,)).fetchone() is not None:
-            batch.conn.execute(schema.RECORD_ATTEMPT, (self.message_id, batch.now, batch.now, self.error))
+            batch.conn.execute(schema.RECORD_ATTEMPT, (self.message_id, batch.now, batch.now, self.error,
+                                                       self.next_attempt))
 
 
 @dataclass(eq=False)
@@ -107,6 +109,23 @@ class DeadLetter(Op):
             attempts, first, last, batch.now))
         delete_message(batch, self.message_id)
         batch.dead_lettered(self.reason)
+
+
+@dataclass(eq=False)
+class Vacuum(Op):
+    """``compact``: rebuild the file to its minimum size; runs alone, outside any transaction."""
+
+    in_transaction: ClassVar[bool] = False
+    result: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
+
+    def apply(self, batch: Batch) -> None:
+        batch.conn.execute("VACUUM")
+
+    def settle(self, failure: Refused | None) -> None:
+        if failure is not None:
+            self.result.set_exception(failure)
+        else:
+            self.result.set_result(0)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from forwarder.message import QueuedMessage, message_from_record
 from forwarder.store import schema
@@ -55,3 +56,59 @@ def read_stats(conn: sqlite3.Connection) -> Stats:
 def read_ids(conn: sqlite3.Connection) -> list[int]:
     """Every message id in the outbox, in order (tests and ``check`` use it)."""
     return [row[0] for row in conn.execute(f"SELECT _id FROM {schema.TABLE} ORDER BY _id")]
+
+
+def _summary(data: bytes) -> dict[str, Any]:
+    """Kind and user (email, or the path for other calls) of a stored record, for listings."""
+    try:
+        message = message_from_record(schema.decode_record(data))
+    except (ValueError, TypeError):
+        return {"kind": "corrupt", "user": None}
+    body = message.body
+    user = body.get("email") or body.get("path") or body.get("url")
+    return {"kind": message.kind.value, "user": user}
+
+
+def _record(data: bytes) -> Any:
+    try:
+        return schema.decode_record(data)
+    except ValueError:
+        return {"undecodable": bytes(data[:200]).decode("utf-8", "replace")}
+
+
+def list_queue(conn: sqlite3.Connection, start_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """Queued messages from ``start_id`` on, oldest first, as stable JSON-ready dicts (``queue list``)."""
+    return [{"id": i, **_summary(data), "enqueued_at": ts, "attempts": attempts, "last_attempt": last,
+             "last_error": error, "next_attempt": next_try, "held": bool(held), "bytes": len(data)}
+            for i, data, ts, attempts, last, error, next_try, held
+            in conn.execute(schema.LIST_QUEUE, (start_id, limit))]
+
+
+def show_queue(conn: sqlite3.Connection, message_id: int) -> dict[str, Any] | None:
+    rows = list_queue(conn, message_id, 1)
+    if not rows or rows[0]["id"] != message_id:
+        return None
+    data = conn.execute(schema.SELECT_ONE, (message_id,)).fetchone()[1]
+    return {**rows[0], "record": _record(data)}
+
+
+def list_dead(conn: sqlite3.Connection, start_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead letters from ``start_id`` on, as stable JSON-ready dicts (``dead list``)."""
+    return [{"id": i, **_summary(data), "reason": reason, "status": status,
+             "response": bytes(response or b"").decode("utf-8", "replace"), "attempts": attempts,
+             "first_attempt": first, "last_attempt": last, "dead_at": dead_at, "enqueued_at": ts}
+            for i, data, ts, reason, status, response, attempts, first, last, dead_at
+            in conn.execute(schema.LIST_DEAD, (start_id, limit))]
+
+
+def show_dead(conn: sqlite3.Connection, message_id: int) -> dict[str, Any] | None:
+    rows = list_dead(conn, message_id, 1)
+    if not rows or rows[0]["id"] != message_id:
+        return None
+    data = conn.execute(schema.SELECT_DEAD, (message_id,)).fetchone()[1]
+    return {**rows[0], "record": _record(data)}
+
+
+def integrity_check(conn: sqlite3.Connection) -> list[str]:
+    """SQLite's own integrity check: ``["ok"]`` when the file is sound."""
+    return [row[0] for row in conn.execute("PRAGMA integrity_check")]

@@ -42,7 +42,7 @@ _CREATE = (
         key TEXT PRIMARY KEY, message_id INTEGER NOT NULL, created REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS message_state (
         message_id INTEGER PRIMARY KEY, attempts INTEGER NOT NULL DEFAULT 0, first_attempt REAL,
-        last_attempt REAL, last_error TEXT, held INTEGER NOT NULL DEFAULT 0)""",
+        last_attempt REAL, last_error TEXT, next_attempt REAL, held INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         message_id INTEGER PRIMARY KEY, data BLOB NOT NULL, enqueued_at REAL NOT NULL, reason TEXT NOT NULL,
         status INTEGER, response BLOB, attempts INTEGER NOT NULL, first_attempt REAL, last_attempt REAL,
@@ -64,9 +64,9 @@ PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE created < ?"
 WINDOW = f"""SELECT o._id, o.data, o.timestamp, COALESCE(s.attempts, 0)
     FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
     WHERE o._id > ? AND COALESCE(s.held, 0) = 0 ORDER BY o._id LIMIT ?"""
-RECORD_ATTEMPT = """INSERT INTO message_state (message_id, attempts, first_attempt, last_attempt, last_error)
-    VALUES (?, 1, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET attempts = attempts + 1,
-    last_attempt = excluded.last_attempt, last_error = excluded.last_error"""
+RECORD_ATTEMPT = """INSERT INTO message_state (message_id, attempts, first_attempt, last_attempt, last_error,
+    next_attempt) VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET attempts = attempts + 1,
+    last_attempt = excluded.last_attempt, last_error = excluded.last_error, next_attempt = excluded.next_attempt"""
 STATE_OF = "SELECT attempts, first_attempt, last_attempt, last_error, held FROM message_state WHERE message_id = ?"
 INSERT_DEAD = """INSERT OR REPLACE INTO dead_letters (message_id, data, enqueued_at, reason, status, response,
     attempts, first_attempt, last_attempt, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
@@ -113,3 +113,17 @@ def create(data_dir: Path) -> Path:
     )
     queue.close()
     return db_path
+
+# -- operator changes (admin) and listings ---------------------------------------------------------------
+SET_HELD = """INSERT INTO message_state (message_id, held) VALUES (?, ?)
+    ON CONFLICT (message_id) DO UPDATE SET held = excluded.held"""
+ALL_IDS = f"SELECT _id FROM {TABLE}"
+SELECT_DEAD = "SELECT message_id, data, enqueued_at FROM dead_letters WHERE message_id = ?"
+ALL_DEAD_IDS = "SELECT message_id FROM dead_letters"
+DEAD_IDS_OLDER_THAN = "SELECT message_id FROM dead_letters WHERE dead_at < ?"
+DELETE_DEAD = "DELETE FROM dead_letters WHERE message_id = ?"
+LIST_QUEUE = f"""SELECT o._id, o.data, o.timestamp, COALESCE(s.attempts, 0), s.last_attempt, s.last_error,
+    s.next_attempt, COALESCE(s.held, 0) FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
+    WHERE o._id >= ? ORDER BY o._id LIMIT ?"""
+LIST_DEAD = """SELECT message_id, data, enqueued_at, reason, status, response, attempts, first_attempt,
+    last_attempt, dead_at FROM dead_letters WHERE message_id >= ? ORDER BY message_id LIMIT ?"""

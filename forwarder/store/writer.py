@@ -94,6 +94,7 @@ class Op:
     """One change applied inside a commit batch, settled after the commit or rollback."""
 
     retry_on_failure: ClassVar[bool] = True  # deliveries and admin changes get one more try; puts are refused
+    in_transaction: ClassVar[bool] = True  # False: runs alone after the batch's commit (VACUUM)
     tries: int = 0
 
     def apply(self, batch: Batch) -> None:
@@ -174,7 +175,23 @@ class Writer:
             batch.append(op)
         return batch, False
 
-    def _commit(self, ops: list[Op]) -> None:
+    def _commit(self, batch_ops: list[Op]) -> None:
+        ops = [op for op in batch_ops if op.in_transaction]
+        if ops:
+            self._commit_transaction(ops)
+        for op in batch_ops:
+            if not op.in_transaction:
+                self._run_alone(op)
+
+    def _run_alone(self, op: Op) -> None:
+        try:
+            op.apply(Batch(self._conn, time.time(), self._room))
+        except sqlite3.Error as e:
+            self._fail([op], e)
+            return
+        op.settle(None)
+
+    def _commit_transaction(self, ops: list[Op]) -> None:
         started = time.monotonic()
         batch = Batch(self._conn, time.time(), self._room)
         try:
