@@ -19,12 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from forwarder import __version__
 from forwarder.config import Config, changed_settings, load_config
-from forwarder.errors import ConfigError, InvalidMessage, Refused
 from forwarder.delivery import Flusher
+from forwarder.errors import ConfigError, InvalidMessage, Refused
 from forwarder.ingest import IngestServer, SocketOptions
 from forwarder.logs import register_secret, setup_logging
 from forwarder.metrics import Metrics, MetricsServer, Snapshot
@@ -61,7 +59,7 @@ class Daemon:
         self._flags, self._environ = dict(flags), dict(environ)
         self._last_reload_error: str | None = None
         self.started_at = time.time()
-        self.metrics = Metrics(CollectorRegistry(), self._snapshot, __version__)
+        self.metrics = Metrics(self._snapshot, __version__)
         self.outbox = Outbox(config.data_dir, events=self.metrics, limits=limits_of(config))
         try:
             self.flusher = Flusher(self.outbox, TurretUpstream(config.retry_after_cap), config, self.metrics,

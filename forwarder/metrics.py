@@ -66,7 +66,9 @@ class Snapshot:
 class Metrics:
     """All metric objects; ingest, delivery and the daemon record through these attributes."""
 
-    def __init__(self, registry: CollectorRegistry, snapshot: Callable[[], Snapshot], version: str) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], version: str, registry: CollectorRegistry | None = None
+                 ) -> None:
+        registry = registry if registry is not None else CollectorRegistry()  # never the global default
         self.registry = registry
         ns = "forwarder"
         self.received = Counter("ingest_messages", "Messages received, by op.", ["op"],

@@ -8,6 +8,7 @@ known to form the next batch: batching is asserted exactly, not hoped for.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import sqlite3
 import threading
@@ -185,6 +186,193 @@ def test_failed_commit_refuses_every_put_of_its_batch_and_stores_none(
     # An honest SQLite error inside the transaction: a trigger aborts the insert of a marked message.
     _execute(data_dir, f"""CREATE TRIGGER poison BEFORE INSERT ON {schema.TABLE}
         WHEN CAST(NEW.data AS TEXT) LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'injected failure'); END""")
+    with _one_batch(outbox, recorder):
+        batch = [_submit(outbox, message) for message in (_message(3), _poisoned(4), _message(5))]
+    refusals = [future.result(WAIT) for future in batch]
+    assert [type(refusal) for refusal in refusals] == [StorageFailed] * 3
+    assert all(str(refusal) == "storage error: injected failure" for refusal in refusals)
+    assert recorder.storage_errors == ["io"]
+    assert outbox.commit_healthy is False
+    assert _stored_ids(data_dir) == [1, 2]  # 2 is the parked message, committed before the failed batch
+    assert outbox.stats.messages == _disk_stats(data_dir).messages == 2
+    assert _put(outbox, _message(6)) == 3
+    assert outbox.commit_healthy is True
+
+
+def _poisoned(n: int) -> Message:
+    return Message(Kind.SET, {"email": f"user{n}@example.com", "attributes": {"marker": "poison"},
+                              "properties": {}})
+
+
+@contextlib.contextmanager
+def _one_batch(outbox: Outbox, recorder: _Recorder) -> Iterator[None]:
+    """Whatever is submitted inside the block forms exactly one batch: the writer is parked meanwhile.
+
+    It is parked after committing one extra message, ``_message(-1)``, which takes the next id.
+    """
     release = recorder.hold()
-    assert _put(outbox, _message(2)) == 2 if release.set() is None and False else True  # see below
-    # (the put above is committed alone; the writer is now parked after its commit? no: hold was released)
+    parked = _submit(outbox, _message(-1))
+    assert recorder.holding.wait(WAIT)
+    recorder.holding.clear()
+    yield
+    release.set()
+    assert isinstance(parked.result(WAIT), int)
+
+
+def test_full_outbox_refuses_new_messages_and_keeps_what_is_stored(data_dir: Path) -> None:
+    with Outbox(data_dir, limits=Limits(max_messages=2)) as outbox:
+        assert _put(outbox, _message(1)) == 1
+        assert _put(outbox, _message(2)) == 2
+        refusal = _put(outbox, _message(3))
+        assert isinstance(refusal, OutboxFull)
+        assert str(refusal) == "backlog is at its limit of 2 messages"
+        assert _stored_ids(data_dir) == [1, 2]
+        assert outbox.stats.messages == 2
+        outbox.limits = Limits(max_messages=3)  # reloadable: read once per batch
+        assert _put(outbox, _message(3)) == 3
+
+
+def test_limit_is_counted_within_one_batch(data_dir: Path, recorder: _Recorder) -> None:
+    with Outbox(data_dir, events=recorder, limits=Limits(max_messages=3)) as outbox:
+        with _one_batch(outbox, recorder):
+            batch = [_submit(outbox, _message(n)) for n in range(1, 5)]
+        results = [future.result(WAIT) for future in batch]
+        assert results[:2] == [2, 3]
+        assert [type(result) for result in results[2:]] == [OutboxFull, OutboxFull]
+        assert recorder.commits == [1, 4]  # the refusals did not fail the batch
+        assert _stored_ids(data_dir) == [1, 2, 3]
+
+
+def test_byte_limit_refuses_the_message_that_would_cross_it(data_dir: Path) -> None:
+    limit = _size(_message(1)) + _size(_message(2))
+    with Outbox(data_dir, limits=Limits(max_bytes=limit)) as outbox:
+        assert _put(outbox, _message(1)) == 1
+        assert _put(outbox, _message(2)) == 2
+        refusal = _put(outbox, _message(3))
+        assert isinstance(refusal, OutboxFull)
+        assert str(refusal) == f"backlog is at its limit of {limit} bytes"
+        assert outbox.stats.bytes == limit
+
+
+def test_free_disk_floor_refuses_new_messages(data_dir: Path) -> None:
+    with Outbox(data_dir, limits=Limits(min_free_bytes=1 << 62)) as outbox:
+        refusal = _put(outbox, _message(1))
+        assert isinstance(refusal, OutboxFull)
+        assert str(refusal) == f"free disk space on the data volume is below {1 << 62} bytes"
+        assert _stored_ids(data_dir) == []
+
+
+def test_stats_follow_puts_and_removals(outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
+    assert outbox.stats == Stats(0, 0, None, 0)
+    before = time.time()
+    for n in range(1, 4):
+        assert _put(outbox, _message(n)) == n
+    after = time.time()
+    queued = outbox.read_window(0, 10).messages
+    sizes = [_size(_message(n)) for n in range(1, 4)]
+    assert before <= queued[0].enqueued_at <= queued[1].enqueued_at <= after
+    assert outbox.stats == Stats(3, sum(sizes), queued[0].enqueued_at, 0)
+    assert _disk_stats(data_dir) == outbox.stats
+
+    outbox.remove(1)
+    outbox.remove(99)  # not there: changes nothing
+    recorder.wait_for_ops(5)
+    assert outbox.stats == Stats(2, sizes[1] + sizes[2], queued[1].enqueued_at, 0)
+    assert _disk_stats(data_dir) == outbox.stats
+
+    outbox.remove(2)
+    outbox.remove(3)
+    recorder.wait_for_ops(7)
+    assert outbox.stats == Stats(0, 0, None, 0)
+    assert _disk_stats(data_dir) == outbox.stats
+
+
+def test_stats_survive_a_reopen(data_dir: Path) -> None:
+    with Outbox(data_dir) as outbox:
+        assert _put(outbox, _message(1)) == 1
+        stats = outbox.stats
+    with Outbox(data_dir) as reopened:
+        assert reopened.stats == stats == Stats(1, _size(_message(1)), stats.oldest_enqueued_at, 0)
+
+
+@pytest.mark.parametrize("corrupt", [b"\xff\xfe not even UTF-8", b"not json", b'["a", "list"]',
+                                     b'{"kind": "delete"}', b'{"kind": "set", "email": "a@b.c"}'])
+def test_corrupt_row_is_dead_lettered_and_the_rows_around_it_are_delivered(
+        outbox: Outbox, recorder: _Recorder, data_dir: Path, corrupt: bytes) -> None:
+    for n in range(1, 4):
+        assert _put(outbox, _message(n)) == n
+    size = _size(_message(2))
+    # Same length, so the byte counter stays exact: JSON allows the trailing spaces.
+    _execute(data_dir, f"UPDATE {schema.TABLE} SET data = ? WHERE _id = 2", corrupt.ljust(size))
+    window = outbox.read_window(0, 10)
+    assert [q.id for q in window.messages] == [1, 3]
+    assert (window.last_id, window.full) == (3, False)
+    recorder.wait_for_ops(4)
+    assert recorder.dead_letters == ["corrupt"]
+    assert outbox.stats == Stats(2, _size(_message(1)) + _size(_message(3)),
+                                 window.messages[0].enqueued_at, 1)
+    assert _disk_stats(data_dir) == outbox.stats
+    assert _stored_ids(data_dir) == [1, 3]
+    dead = _execute(data_dir, "SELECT message_id, data, reason, attempts FROM dead_letters")
+    assert dead == [(2, corrupt.ljust(size), "corrupt", 0)]
+
+
+def test_same_idempotency_key_stores_one_message(outbox: Outbox, data_dir: Path) -> None:
+    assert _put(outbox, _message(1, key="signup-1")) == 1
+    assert _put(outbox, _message(2, key="signup-1")) == 1
+    assert _put(outbox, _message(3, key="signup-2")) == 2
+    assert _stored_ids(data_dir) == [1, 2]
+    assert outbox.stats.messages == 2
+
+
+def test_same_idempotency_key_twice_in_one_batch_stores_one_message(
+        outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
+    with _one_batch(outbox, recorder):
+        batch = [_submit(outbox, message) for message in (_message(1, key="k"), _message(2, key="k"), _message(3))]
+    assert [future.result(WAIT) for future in batch] == [2, 2, 3]
+    assert recorder.commits == [1, 3]
+    assert _stored_ids(data_dir) == [1, 2, 3]
+
+
+def test_idempotency_key_is_remembered_across_a_reopen(data_dir: Path) -> None:
+    with Outbox(data_dir) as outbox:
+        assert _put(outbox, _message(1, key="k")) == 1
+    with Outbox(data_dir) as reopened:
+        assert _put(reopened, _message(1, key="k")) == 1
+        assert _stored_ids(data_dir) == [1]
+
+
+def test_second_outbox_on_the_same_data_dir_is_refused_naming_the_holder(outbox: Outbox, data_dir: Path) -> None:
+    with pytest.raises(AlreadyRunning) as caught:
+        Outbox(data_dir)
+    assert str(caught.value) == f"another turret-forwarder (pid {os.getpid()}) is using data dir {data_dir}"
+    assert _put(outbox, _message(1)) == 1  # the first one is untouched
+
+
+def test_lock_is_released_on_close(data_dir: Path) -> None:
+    Outbox(data_dir).close()
+    with Outbox(data_dir) as reopened:
+        assert _put(reopened, _message(1)) == 1
+
+
+def test_close_commits_every_put_submitted_before_it(data_dir: Path) -> None:
+    outbox = Outbox(data_dir)
+    futures = [_submit(outbox, _message(n)) for n in range(500)]
+    outbox.close()
+    assert [future.result(0) for future in futures] == list(range(1, 501))
+    assert _stored_ids(data_dir) == list(range(1, 501))
+
+
+def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox, recorder: _Recorder) -> None:
+    heard: list[int] = []
+    outbox.on_commit(lambda: heard.append(outbox.stats.messages))
+    assert _put(outbox, _message(1)) == 1
+    with _one_batch(outbox, recorder):
+        outbox.remove(1)
+        outbox.remove(2)  # the parked message
+        added = [_submit(outbox, _message(3)), _submit(outbox, _message(4))]
+    assert [future.result(WAIT) for future in added] == [3, 4]
+    recorder.wait_for_ops(6)
+    outbox.remove(3)
+    recorder.wait_for_ops(7)
+    assert heard == [1, 2, 2]  # the batch of 2 removals and 2 puts added messages too; a lone removal did not

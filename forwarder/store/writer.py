@@ -8,6 +8,7 @@ commit fails, every put of the batch is refused with ``StorageFailed`` and nothi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -69,6 +70,7 @@ class Batch:
         self.messages = 0
         self.bytes = 0
         self.removed = False
+        self.inserted = False
         self.dead_delta = 0
         self.dead_reasons: list[str] = []
 
@@ -77,6 +79,7 @@ class Batch:
         self.messages += messages
         self.bytes += size
         self.removed = self.removed or messages < 0
+        self.inserted = self.inserted or messages > 0
 
     def check_room(self, size: int) -> None:
         """Refuse a new message of ``size`` bytes if a limit would be crossed."""
@@ -204,16 +207,17 @@ class Writer:
             self._rollback()
             self._fail(ops, e)
             return
+        seconds = time.monotonic() - started
         self.commit_healthy = True
-        self._events.committed(len(ops), time.monotonic() - started)
         self._refresh_stats(batch)
         for op, refusal in zip(ops, results, strict=True):
             op.settle(refusal)
         for reason in batch.dead_reasons:
             self._events.dead_letter(reason)
-        if batch.messages > 0:
+        if batch.inserted:  # not the net count: a batch of as many removals as puts still brought new ones
             for listener in self._listeners:
                 listener()
+        self._events.committed(len(ops), seconds)  # last, so whoever hears of it sees the stats and the settles
 
     @staticmethod
     def _apply(op: Op, batch: Batch) -> Refused | None:
@@ -236,10 +240,9 @@ class Writer:
         return None
 
     def _rollback(self) -> None:
-        try:
+        # Raises when there is no transaction left: SQLite already rolled back on the failed statement.
+        with contextlib.suppress(sqlite3.Error):
             self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # no transaction left to roll back: SQLite already did it on the failed statement
 
     def _fail(self, ops: list[Op], error: sqlite3.Error) -> None:
         kind = "disk_full" if getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" else "io"
