@@ -204,6 +204,7 @@ def test_reset_sends_rst_before_the_handshake(fake_api: FakeTurretIO) -> None:
     fake_api.set_mode("reset")
 
     with socket.create_connection(("127.0.0.1", fake_api.port)) as raw, pytest.raises(ConnectionResetError):
+        raw.sendall(b"\x16\x03\x01")  # the start of a ClientHello
         raw.recv(1)
     with pytest.raises(requests.exceptions.ConnectionError):  # requests' SSLError is one too
         post(fake_api)
@@ -284,7 +285,8 @@ def test_stop_returns_with_hanging_and_half_open_connections(tmp_path: Path) -> 
 
             with pytest.raises(requests.exceptions.ConnectionError):
                 hung.result()
-    assert [t.name for t in threading.enumerate() if t.name.startswith("fake-api")] == []
+    assert [t.name for t in threading.enumerate()
+            if t.name.startswith(("fake-api-connection", "fake-api-accept"))] == []
 
 
 def test_client_trusting_only_public_cas_fails_the_handshake(fake_api: FakeTurretIO) -> None:

@@ -1,28 +1,16 @@
-"""A local Turret.IO-compatible HTTPS server with fault injection, for tests, the demo and users' trials.
-
-Owns its own signature check, written from the shared API doc and never imported from ``turretio``, so one
-misreading of the doc cannot hide on both sides. Imports only the stdlib, ``forwarder.errors`` and, lazily
-when it must generate a certificate, ``trustme``. It keeps every request in memory: not for production.
-"""
+"""The fake API's HTTPS server: the listener, one keep-alive handler per connection, and ``FakeTurretIO``."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
-import enum
-import hashlib
 import hmac
 import http.server
-import ipaddress
 import itertools
-import json
 import logging
-import os
 import selectors
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -30,102 +18,27 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from forwarder.errors import ConfigError, ForwarderError
+from forwarder.errors import ForwarderError
+from forwarder.fakeapi.wire import (
+    DEMO_API_KEY,
+    DEMO_API_SECRET,
+    NOT_FOUND,
+    OK,
+    UNAUTHORIZED,
+    Mode,
+    Received,
+    Respond,
+    decode_secret,
+    generate_certificate,
+    verify_signature,
+)
 
 logger = logging.getLogger(__name__)
-
-DEMO_API_KEY = "demo-key"
-DEMO_API_SECRET = base64.b64encode(b"demo-secret-bytes").decode("ascii")
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-class Mode(enum.StrEnum):
-    """How the server treats new connections and the next request on open ones (fault injection)."""
-
-    UP = "up"  # answer normally
-    REFUSE = "refuse"  # listening socket closed, so connects get ECONNREFUSED; open connections are closed
-    RESET = "reset"  # drop with RST (SO_LINGER 0); on a new connection, before the TLS handshake
-    HANG = "hang"  # do nothing more; the connection is closed without an answer when the hang ends
-    STALL_BODY = "stall_body"  # send status line and headers, never the body
-
-
-@dataclass(frozen=True, slots=True)
-class Respond:
-    """One answer to send; ``FakeTurretIO.script()`` queues these ahead of the signature-based default."""
-
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds, added to the server-wide delay
-
-    def __post_init__(self) -> None:
-        if not 100 <= self.status <= 599 or self.delay < 0:
-            raise ValueError(f"bad response: status {self.status}, delay {self.delay}")
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """One request as the server read it, and the status line it sent back (0 if none was sent).
-
-    A ``stall_body`` answer counts with its status: a real server would have applied that request, which is
-    what makes a retry of it a duplicate. ``path`` is the request target as sent, not URL-decoded.
-    """
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    json_text: str | None  # the base64-decoded body, None when it is not base64 of UTF-8 text
-    signature_valid: bool  # the HMAC alone; a stale X-LS-Time under max_skew does not make it False
-    status: int
-    idempotency_key: str | None
-    connection: int  # serial number of the TCP connection, so a test can see keep-alive
-    at: float  # time.monotonic() when the request was read
-
-    @property
-    def delivered(self) -> bool:
-        return 200 <= self.status < 300
-
-
-_OK = Respond(200, b'{"status": "ok"}', {"Content-Type": "application/json"})
-_UNAUTHORIZED = Respond(401, b"Unauthorized", {"Content-Type": "text/plain"})
-_NOT_FOUND = Respond(404, b"Not Found", {"Content-Type": "text/plain"})
-
-
-def _decode_secret(secret_b64: str, source: str) -> bytes:
-    """The HMAC key: the vendor distributed secrets base64-encoded."""
-    try:
-        return base64.b64decode(secret_b64, validate=True)
-    except binascii.Error:
-        raise ConfigError("api_secret", source, "is not valid base64") from None
-
-
-def _verify_signature(secret: bytes, target: str, signed: bytes, stamp: str, auth: str) -> bool:
-    """X-LS-Auth = base64(HMAC-SHA512(secret, path + json_text + time)), over the bytes as received."""
-    # http.server decoded the request line and headers as latin-1, so encoding back gives the wire bytes.
-    message = target.split("?", 1)[0].encode("latin-1") + signed + stamp.encode("latin-1")
-    expected = base64.b64encode(hmac.new(secret, message, hashlib.sha512).digest())
-    return hmac.compare_digest(expected, auth.encode("latin-1"))
-
-
-def _generate_certificate(directory: Path) -> tuple[str, str]:
-    """A throwaway CA and a server certificate for 127.0.0.1 and localhost: (CA file, cert+key file)."""
-    try:
-        import trustme
-    except ImportError:
-        raise ForwarderError(
-            "fake-api needs a certificate: pass --cert and --key, or install turret-forwarder[demo]"
-        ) from None
-    ca = trustme.CA()
-    ca_file, server_file = directory / "ca.pem", directory / "server.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(server_file))
-    return str(ca_file), str(server_file)
 
 
 def _set_reset_on_close(sock: socket.socket) -> None:
@@ -237,7 +150,7 @@ class FakeTurretIO:
             raise ForwarderError("fake-api: --key needs --cert")
         self.host, self.port, self.mode = host, port, Mode.UP
         self.ca_file: str | None = None  # the generated CA, for clients to trust
-        self._api_key, self._secret = api_key, _decode_secret(api_secret_b64, "api_secret_b64 argument")
+        self._api_key, self._secret = api_key, decode_secret(api_secret_b64, "api_secret_b64 argument")
         self._certfile, self._keyfile, self._cert_dir = certfile, keyfile, cert_dir
         self._max_skew, self._clock, self._delay = max_skew, clock, 0.0
         self._cond = threading.Condition()  # guards everything below and wakes every waiter
@@ -263,7 +176,7 @@ class FakeTurretIO:
             certfile = self._certfile
             if certfile is None:
                 self._own_dir = None if self._cert_dir else tempfile.mkdtemp(prefix="turret-fake-api-")
-                self.ca_file, certfile = _generate_certificate(Path(self._cert_dir or str(self._own_dir)))
+                self.ca_file, certfile = generate_certificate(Path(self._cert_dir or str(self._own_dir)))
             self._context.load_cert_chain(certfile, self._keyfile)
             self._running = True
             self._sync_listener()
@@ -333,7 +246,7 @@ class FakeTurretIO:
             self._delay = seconds
 
     def set_credentials(self, api_key: str, api_secret_b64: str) -> None:
-        secret = _decode_secret(api_secret_b64, "set_credentials argument")
+        secret = decode_secret(api_secret_b64, "set_credentials argument")
         with self._cond:
             self._api_key, self._secret = api_key, secret
 
@@ -382,6 +295,9 @@ class FakeTurretIO:
             self._wait_while(Mode.HANG)
             return
         if self.mode is Mode.RESET:
+            # Wait for the client's first bytes so the reset always lands in its handshake: reset before the
+            # client wraps its socket, CPython's SSLSocket._create raises without closing it (3.11.7).
+            raw.recv(1, socket.MSG_PEEK)
             _set_reset_on_close(raw)
         if self.mode is not Mode.UP and self.mode is not Mode.STALL_BODY:
             return
@@ -414,7 +330,7 @@ class FakeTurretIO:
             api_key, secret = self._api_key, self._secret
         valid = (signed is not None and key is not None and stamp is not None and auth is not None
                  and hmac.compare_digest(key.encode("latin-1"), api_key.encode("utf-8"))
-                 and _verify_signature(secret, handler.path, signed, stamp, auth))
+                 and verify_signature(secret, handler.path, signed, stamp, auth))
         received = Received(handler.command, handler.path, dict(headers.items()), body, json_text, valid, 0,
                             headers.get("Idempotency-Key"), handler.serial, time.monotonic())
         return received, valid and self._is_fresh(stamp or "")
@@ -432,8 +348,8 @@ class FakeTurretIO:
         with self._cond:
             scripted, delay = (self._script.popleft() if self._script else None), self._delay
         if scripted is None and (received.method != "POST" or not received.path.startswith("/latest/")):
-            scripted = _NOT_FOUND
-        respond = scripted or (_OK if authorized else _UNAUTHORIZED)
+            scripted = NOT_FOUND
+        respond = scripted or (OK if authorized else UNAUTHORIZED)
         return replace(respond, delay=respond.delay + delay)
 
     def _record(self, received: Received) -> None:
@@ -451,137 +367,3 @@ class FakeTurretIO:
     def _wait_while(self, mode: Mode) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self.mode is not mode or not self._running)
-
-
-def _respond_from_json(item: Any) -> Respond:
-    return Respond(int(item["status"]), str(item.get("body", "")).encode("utf-8"),
-                   {str(k): str(v) for k, v in item.get("headers", {}).items()}, float(item.get("delay", 0)))
-
-
-_CONTROL_ACTIONS: dict[str, Callable[[FakeTurretIO, Any], None]] = {
-    "/mode": lambda fake, doc: fake.set_mode(doc["mode"]),
-    "/delay": lambda fake, doc: fake.set_delay(float(doc["seconds"])),
-    "/script": lambda fake, doc: fake.script(*(_respond_from_json(item) for item in doc)),
-    "/clear": lambda fake, doc: fake.clear(),
-}
-
-
-class ControlServer(http.server.ThreadingHTTPServer):
-    """Plain-HTTP JSON control of a FakeTurretIO, so a user can inject faults from a shell with curl.
-
-    Serves from construction until ``server_close()`` (the end of its ``with`` block). It has no
-    authentication, which is why ``main`` only lets it listen on loopback.
-    """
-
-    def __init__(self, fake: FakeTurretIO, address: tuple[str, int]) -> None:
-        try:
-            super().__init__(address, _ControlHandler)
-        except OSError as e:
-            raise ForwarderError(f"fake-api control cannot listen on {address[0]}:{address[1]}: "
-                                 f"{e.strerror}") from None
-        self.fake = fake
-        threading.Thread(target=self.serve_forever, name="fake-api-control", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.server_address[0]!s}:{self.server_address[1]}"
-
-    def server_close(self) -> None:
-        self.shutdown()
-        super().server_close()
-
-
-class _ControlHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ControlServer
-
-    def do_GET(self) -> None:
-        if self.path != "/received":
-            self._reply(404, {"ok": False, "error": "not found"})
-            return
-        self._reply(200, [{**asdict(r), "body": base64.b64encode(r.body).decode("ascii")}
-                          for r in self.server.fake.received()])
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        action = _CONTROL_ACTIONS.get(self.path)
-        if action is None:
-            self._reply(404, {"ok": False, "error": "not found"})
-            return
-        try:
-            action(self.server.fake, json.loads(raw) if raw else None)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            self._reply(400, {"ok": False, "error": f"{type(e).__name__}: {e}"})
-            return
-        self._reply(200, {"ok": True})
-
-    def _reply(self, status: int, doc: Any) -> None:
-        body = json.dumps(doc).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("Fake API control: " + format, *args)
-
-
-def _parse_control(value: str) -> tuple[str, int]:
-    """HOST:PORT on loopback only: the control server has no authentication."""
-    host, _, port = value.rpartition(":")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
-    if not loopback:
-        raise argparse.ArgumentTypeError(f"the control server only listens on loopback, not {host!r}")
-    return host, number
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turret-forwarder fake-api",
-                                     description="Run a local Turret.IO-compatible HTTPS API to try a setup.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=8443, help="HTTPS port (default %(default)s)")
-    parser.add_argument("--cert", help="PEM certificate chain; a throwaway CA issues one when omitted")
-    parser.add_argument("--key", help="PEM private key for --cert")
-    parser.add_argument("--cert-dir", help="where the generated CA and certificate go (default: a temp dir)")
-    parser.add_argument("--api-key", default=DEMO_API_KEY, help="API key to accept (default %(default)s)")
-    parser.add_argument("--api-secret-file", help="file holding the base64 API secret "
-                                                  "(default: $TURRET_API_SECRET, else the demo secret)")
-    parser.add_argument("--control", type=_parse_control, default="127.0.0.1:8444",
-                        help="loopback HOST:PORT of the plain-HTTP control server (default %(default)s)")
-    return parser
-
-
-def _read_secret(path: str | None, environ: Mapping[str, str]) -> tuple[str, str]:
-    """The base64 secret and where it came from: --api-secret-file, else TURRET_API_SECRET, else demo."""
-    if path is not None:
-        try:
-            return Path(path).read_text(encoding="utf-8").strip(), "--api-secret-file"
-        except OSError as e:
-            raise ConfigError("api_secret_file", "--api-secret-file", e.strerror or str(e)) from None
-    if "TURRET_API_SECRET" in environ:
-        return environ["TURRET_API_SECRET"].strip(), "TURRET_API_SECRET"
-    return DEMO_API_SECRET, "default"
-
-
-def main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
-    """``turret-forwarder fake-api``: serve until SIGINT or SIGTERM, then exit 0."""
-    args = _build_parser().parse_args(argv)
-    secret, source = _read_secret(args.api_secret_file, os.environ if environ is None else environ)
-    _decode_secret(secret, source)  # fail naming where the secret came from, before anything listens
-    fake = FakeTurretIO(args.api_key, secret, args.host, args.port, args.cert, args.key, args.cert_dir)
-    # Blocked before any thread starts, so every thread inherits the mask and sigwait() receives the
-    # signal: no handler runs at all.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        with fake, ControlServer(fake, args.control) as control:
-            trust = f"pass --ca-file {fake.ca_file}" if fake.ca_file else f"certificate {args.cert}"
-            print(f"Fake Turret.IO API on {fake.url}, control on {control.url}; {trust}", flush=True)
-            signal.sigwait(_STOP_SIGNALS)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    return 0
