@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors", "message", "config"},
     "logs": {"errors", "message"},
     "metrics": {"errors", "message"},
-    "store": {"errors", "message", "store"},
+    "store": {"errors", "message", "store", "logs"},  # logs: the repeat-limited line for a failing disk
     "turretio": {"errors", "message", "backoff"},
     "reload": {"errors", "message"},
     "ingest": {"errors", "message", "protocol", "metrics", "store", "config", "logs"},

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from forwarder.errors import OutboxFull, Refused, StorageFailed
+from forwarder.logs import RateLimitedLog
 from forwarder.store import schema
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,13 @@ class Events(Protocol):
 class Batch:
     """The open transaction as an op sees it: a cursor, the clock, and the running stats delta."""
 
-    def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int], str | None]) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int, int], str | None],
+                 free_bytes: Callable[[], int]) -> None:
         self.conn = conn
         self.now = now
         self._room = room
+        self._free_bytes = free_bytes
+        self._free: int | None = None  # asked once per batch, and only if the batch stores something
         self.messages = 0
         self.bytes = 0
         self.removed = False
@@ -83,7 +87,9 @@ class Batch:
 
     def check_room(self, size: int) -> None:
         """Refuse a new message of ``size`` bytes if a limit would be crossed."""
-        reason = self._room(self.messages + 1, self.bytes + size)
+        if self._free is None:
+            self._free = self._free_bytes()
+        reason = self._room(self.messages + 1, self.bytes + size, self._free)
         if reason is not None:
             raise OutboxFull(reason)
 
@@ -122,6 +128,7 @@ class Writer:
         self._last_maintenance = time.monotonic()
         self.stats = self._read_stats()
         self.commit_healthy = True  # False from a failed commit until the next successful one
+        self._failures_log = RateLimitedLog(logger)
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
 
     def start(self) -> None:
@@ -188,7 +195,7 @@ class Writer:
 
     def _run_alone(self, op: Op) -> None:
         try:
-            op.apply(Batch(self._conn, time.time(), self._room))
+            op.apply(Batch(self._conn, time.time(), self._room, self._free_bytes))
         except sqlite3.Error as e:
             self._fail([op], e)
             return
@@ -196,7 +203,7 @@ class Writer:
 
     def _commit_transaction(self, ops: list[Op]) -> None:
         started = time.monotonic()
-        batch = Batch(self._conn, time.time(), self._room)
+        batch = Batch(self._conn, time.time(), self._room, self._free_bytes)
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, batch) for op in ops]
@@ -227,15 +234,18 @@ class Writer:
             return refusal
         return None
 
-    def _room(self, messages: int, size: int) -> str | None:
+    def _free_bytes(self) -> int:
+        vfs = os.statvfs(self._db_path.parent)
+        return vfs.f_bavail * vfs.f_frsize
+
+    def _room(self, messages: int, size: int, free: int) -> str | None:
         """Why ``messages`` more messages of ``size`` bytes in all would not fit, or None."""
         stats, limits = self.stats, self.limits
         if stats.messages + messages > limits.max_messages:
             return f"backlog is at its limit of {limits.max_messages} messages"
         if stats.bytes + size > limits.max_bytes:
             return f"backlog is at its limit of {limits.max_bytes} bytes"
-        vfs = os.statvfs(self._db_path.parent)
-        if vfs.f_bavail * vfs.f_frsize < limits.min_free_bytes:
+        if free < limits.min_free_bytes:
             return f"free disk space on the data volume is below {limits.min_free_bytes} bytes"
         return None
 
@@ -248,8 +258,9 @@ class Writer:
         kind = "disk_full" if getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" else "io"
         self.commit_healthy = False
         self._events.storage_error(kind)
-        logger.error("Commit failed; the batch was rolled back", extra={"fields": {
-            "kind": kind, "ops": len(ops), "error": str(error)}})
+        # A full disk fails every batch until space is freed: one line a minute with a count, not thousands.
+        self._failures_log.warn(kind, "Commit failed; the batch was rolled back and its producers refused",
+                                {"kind": kind, "ops": len(ops), "error": str(error)})
         failure = StorageFailed(f"{'disk full' if kind == 'disk_full' else 'storage error'}: {error}")
         for op in ops:
             op.tries += 1
