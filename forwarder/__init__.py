@@ -3,7 +3,7 @@
 Apps import ``Client`` (and the error classes) from here; nothing else is public API.
 """
 
-from forwarder.client import Client
+from forwarder.client import Client, ForwarderUnavailable
 from forwarder.errors import (
     ConfigError,
     ForwarderError,
@@ -19,6 +19,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "ForwarderError",
+    "ForwarderUnavailable",
     "InvalidMessage",
     "MessageTooLarge",
     "OutboxFull",

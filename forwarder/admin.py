@@ -17,7 +17,6 @@ from typing import Any
 
 from forwarder.client import Client, ForwarderUnavailable
 from forwarder.config import Config, parse_duration
-from forwarder.daemon import ADMIN_SOCKET
 from forwarder.errors import ConfigError, ForwarderError
 from forwarder.logs import redact
 from forwarder.store import (
@@ -233,7 +232,7 @@ def _compact(args: argparse.Namespace, config: Config) -> int:
 def _apply(config: Config, request: dict[str, Any]) -> int:
     """Through the running daemon if there is one, else directly under the data dir's lock."""
     try:
-        with Client(str(config.data_dir / ADMIN_SOCKET), timeout=600.0) as client:
+        with Client(str(config.admin_socket), timeout=600.0) as client:
             return int(client.request(request)["count"])
     except ForwarderUnavailable:
         pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ _NOT_SETTINGS = frozenset({"run", "command", "action", "id", "all", "json", "lim
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    # As PID 1 in a container, a signal with no handler is ignored: until the daemon's loop installs its
+    # own, SIGTERM must still end the process (nothing is acked before then, so nothing can be lost).
+    signal.signal(signal.SIGTERM, _exit_now)
     parser = _parser()
     args = parser.parse_args(argv)
     environ = dict(os.environ) if environ is None else environ
@@ -51,6 +55,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except BrokenPipeError:  # `... | head`: the reader left; not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_OK)
 
 
 def _parser() -> argparse.ArgumentParser:

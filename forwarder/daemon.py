@@ -33,7 +33,6 @@ from forwarder.store.admin import change_for
 from forwarder.turretio import Credentials, TurretUpstream
 
 logger = logging.getLogger(__name__)
-ADMIN_SOCKET = "admin.sock"  # in the data dir, mode 0600: queue tools of the daemon's own user only
 
 
 def credentials_of(config: Config) -> Credentials | None:
@@ -89,7 +88,7 @@ class Daemon:
         self._start_metrics()
         old_umask = os.umask(0o177)  # the admin socket is the daemon user's alone (0600) from its first moment
         try:
-            admin = await asyncio.start_unix_server(self._serve_admin, self.config.data_dir / ADMIN_SOCKET)
+            admin = await asyncio.start_unix_server(self._serve_admin, self.config.admin_socket)
         finally:
             os.umask(old_umask)
         def on_file_change() -> None:  # on the watcher's thread: hand over to the loop
@@ -152,7 +151,7 @@ class Daemon:
         if self._watcher is not None:
             self._watcher.stop()
         admin.close()
-        (self.config.data_dir / ADMIN_SOCKET).unlink(missing_ok=True)
+        (self.config.admin_socket).unlink(missing_ok=True)
         await self.ingest.stop(timeout)
         await asyncio.to_thread(self.flusher.stop, timeout)
         self.outbox.close()

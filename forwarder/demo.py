@@ -79,6 +79,7 @@ def _demo_steps(out: Callable[[str], None], api: FakeTurretIO, forwarder: _Forwa
     api.set_mode("up")
     _wait(out, "all are delivered", lambda: len(_delivered_keys(api)) >= len(acked))
     _check_everything_arrived(api, acked)
+    _wait(out, "the backlog is empty", lambda: client.request({"op": "status"})["backlog"] == 0)
     status = client.request({"op": "status"})
     out(f"   all {len(acked)} acked messages delivered, each exactly as acked; backlog {status['backlog']}")
     client.close()

@@ -78,6 +78,11 @@ class Config:
     config_file: Path | None
     secret_files: tuple[Path, ...]  # what a reload watches besides config_file
 
+    @property
+    def admin_socket(self) -> Path:
+        """The daemon's queue-tools socket (mode 0600): beside the data it changes, not in the apps' volume."""
+        return self.data_dir / "admin.sock"
+
 
 def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
     """Add ``--config`` and a flag per CLI setting (all, or those in ``names``), grouped as in the table.
