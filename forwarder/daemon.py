@@ -96,6 +96,7 @@ class Daemon:
 
         self._watcher = ConfigWatcher(self._watched_files(), on_file_change, self.config.reload_interval)
         self._watcher.start()
+        self.reload("startup")  # a secret rotated between our first read and the watcher's baseline
         logger.info("Forwarder ready", extra={"fields": {
             "version": __version__, "data_dir": str(self.config.data_dir), "backlog": self.outbox.stats.messages,
             "credentials": "present" if credentials_of(self.config) else "missing"}})

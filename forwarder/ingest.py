@@ -27,6 +27,7 @@ from forwarder.protocol import Ping, StatusRequest, encode_ok, encode_refusal, p
 from forwarder.store import Outbox
 
 logger = logging.getLogger(__name__)
+READER_LIMIT = (16 << 20) + 1  # the stream's own bound; max_message_bytes (reloadable) is checked per line
 _PIPELINE_DEPTH = 1024  # unanswered requests per connection before we stop reading it (backpressure)
 
 
@@ -54,6 +55,7 @@ class IngestServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._in_flight: set[asyncio.Future[bytes]] = set()
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # handler -> its stream
         self._settled: collections.deque[tuple[asyncio.Future[bytes], bytes]] = collections.deque()
         self._wake_scheduled = False
 
@@ -69,7 +71,7 @@ class IngestServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         old_umask = os.umask(0o177)  # never a moment where the socket is wider than 0600
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path, limit=self.max_message_bytes + 1)
+            self._server = await asyncio.start_unix_server(self._serve, path, limit=READER_LIMIT)
         finally:
             os.umask(old_umask)
         if self.options.gid is not None:
@@ -86,8 +88,23 @@ class IngestServer:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.options.path.unlink()
+        await self._close_connections(timeout)
+
+    async def _close_connections(self, timeout: float) -> None:
+        """Close every open connection and let its handler finish (its read loop sees EOF).
+
+        Left open, ``asyncio.run`` would cancel the handlers, and Python 3.11's stream callback logs a
+        cancelled handler as an error with a traceback.
+        """
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=timeout)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._connections[handler] = writer
         replies: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(_PIPELINE_DEPTH)
         sender = asyncio.create_task(self._send_replies(replies, writer))
         try:
@@ -101,6 +118,7 @@ class IngestServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+            del self._connections[handler]
 
     async def _read_requests(self, reader: asyncio.StreamReader,
                              replies: asyncio.Queue[asyncio.Future[bytes] | None]) -> None:
@@ -109,7 +127,7 @@ class IngestServer:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                 return  # EOF (a half line stores nothing), a reset, or an idle client
-            except asyncio.LimitOverrunError:
+            except (asyncio.LimitOverrunError, ValueError):
                 await replies.put(self._refuse(MessageTooLarge(
                     f"request line exceeds max_message_bytes ({self.max_message_bytes}); closing the connection")))
                 return

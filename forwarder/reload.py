@@ -5,9 +5,10 @@ files: Kubernetes mounts a secret as ``dir/key -> ..data/key`` and updates it by
 ``..data`` symlink over the old one, and editors save by renaming a temporary file over the original; a
 watch on the file itself would follow the old inode and miss every update after the first. Any event in a
 watched directory only *nudges* a content check: after a short debounce (one save makes several events)
-each file's sha256 is compared with the last one seen, so only a real change of content calls
-``on_change``. The same check also runs every ``interval`` seconds, because some platforms deliver no
-events at all (Docker bind mounts from some hosts, exhausted inotify limits).
+each file's sha256 is compared with the last one reported, and a difference is reported once the content
+has held still for as long again, so only a real, finished change of content calls ``on_change``. The
+same check also runs every ``interval`` seconds, because some platforms deliver no events at all (Docker
+bind mounts from some hosts, exhausted inotify limits).
 
 It knows nothing of settings: it does not parse the files and does not decide what a change means; the
 daemon re-reads them in ``on_change``.
@@ -99,7 +100,7 @@ class ConfigWatcher:
     def start(self) -> None:
         """Take the files' current content as the baseline, then watch; a change from now on is reported."""
         with self._lock:
-            self._fingerprints = {path: _fingerprint(path) for path in self._files}
+            self._fingerprints = _fingerprints(self._files)
             self._observer = self._start_observer()
             self._schedule()
             self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
@@ -180,16 +181,43 @@ class ConfigWatcher:
         with self._lock:
             files = self._files
         # read without the lock: a slow file system must not block watch() on the daemon's loop
-        current = {path: _fingerprint(path) for path in files}
+        current = _fingerprints(files)
+        with self._lock:
+            unsettled = bool(self._changed(current))
+        if unsettled:
+            current = self._settled(files, current)
+            if self._stopping.is_set():
+                return
         with self._checked:
-            changed = [path for path, seen in current.items()
-                       if path in self._fingerprints and self._fingerprints[path] != seen]
+            changed = self._changed(current)
             self._fingerprints.update((path, current[path]) for path in changed)
             self.checks += 1
             self._checked.notify_all()
         if changed:
             logger.debug("Watched files changed", extra={"fields": {"files": [str(p) for p in changed]}})
             self._on_change()
+
+    def _changed(self, current: dict[Path, str]) -> list[Path]:
+        """The files still watched whose fingerprint differs from the last one reported (lock held)."""
+        known = self._fingerprints
+        return [path for path, seen in current.items() if path in known and known[path] != seen]
+
+    def _settled(self, files: tuple[Path, ...], current: dict[Path, str]) -> dict[Path, str]:
+        """The fingerprints once they held still for DEBOUNCE_SECONDS.
+
+        A periodic check has no debounce and may land inside an in-place write; reporting the truncated
+        file would apply it (an empty TOML file is valid: every setting back to its default).
+        """
+        while not self._stopping.wait(DEBOUNCE_SECONDS):
+            again = _fingerprints(files)
+            if again == current:
+                break
+            current = again
+        return current
+
+
+def _fingerprints(files: tuple[Path, ...]) -> dict[Path, str]:
+    return {path: _fingerprint(path) for path in files}
 
 
 def _absolute(files: Sequence[Path]) -> tuple[Path, ...]:

@@ -60,8 +60,9 @@ _BYTES = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, 
           "gib": 1024**3}
 
 
-def _quantity(units: Mapping[str, float], what: str, at_least: str) -> Callable[[object], float]:
-    """A parser of a number with a unit suffix, bounded below by ``at_least`` (written with a unit)."""
+def _quantity(units: Mapping[str, float], what: str, at_least: str, at_most: str | None = None
+              ) -> Callable[[object], float]:
+    """A parser of a number with a unit suffix, bounded by ``at_least`` and ``at_most`` (written with units)."""
 
     def scale(raw: object) -> float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # TOML numbers are in the base unit
@@ -74,10 +75,13 @@ def _quantity(units: Mapping[str, float], what: str, at_least: str) -> Callable[
         return float(match[1]) * units[match[2]]
 
     minimum = scale(at_least)
+    maximum = math.inf if at_most is None else scale(at_most)
 
     def parse(raw: object) -> float:
         if scale(raw) < minimum:
             raise ValueError(f"must be at least {at_least}")
+        if scale(raw) > maximum:
+            raise ValueError(f"must be at most {at_most}")
         return scale(raw)
 
     return parse
@@ -87,8 +91,8 @@ def duration(at_least: str) -> Callable[[object], float]:
     return _quantity(_SECONDS, "duration (use 250ms, 5s, 2m, 1h, 5d or seconds)", at_least)
 
 
-def size(at_least: str) -> Callable[[object], int]:
-    parse = _quantity(_BYTES, "size (use 512KiB, 64MiB, 1GiB, 1MB or bytes)", at_least)
+def size(at_least: str, at_most: str | None = None) -> Callable[[object], int]:
+    parse = _quantity(_BYTES, "size (use 512KiB, 64MiB, 1GiB, 1MB or bytes)", at_least, at_most)
     return lambda raw: int(parse(raw))
 
 
