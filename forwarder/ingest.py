@@ -27,7 +27,7 @@ from forwarder.protocol import Ping, StatusRequest, encode_ok, encode_refusal, p
 from forwarder.store import Outbox
 
 logger = logging.getLogger(__name__)
-READER_LIMIT = (16 << 20) + 1  # the stream's own bound; max_message_bytes (reloadable) is checked per line
+_READ_CHUNK = 1 << 16
 _PIPELINE_DEPTH = 1024  # unanswered requests per connection before we stop reading it (backpressure)
 
 
@@ -71,7 +71,7 @@ class IngestServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         old_umask = os.umask(0o177)  # never a moment where the socket is wider than 0600
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path, limit=READER_LIMIT)
+            self._server = await asyncio.start_unix_server(self._serve, path)
         finally:
             os.umask(old_umask)
         if self.options.gid is not None:
@@ -122,20 +122,40 @@ class IngestServer:
 
     async def _read_requests(self, reader: asyncio.StreamReader,
                              replies: asyncio.Queue[asyncio.Future[bytes] | None]) -> None:
+        buffer = bytearray()
         while True:
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
-            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-                return  # EOF (a half line stores nothing), a reset, or an idle client
-            except (asyncio.LimitOverrunError, ValueError):
-                await replies.put(self._refuse(MessageTooLarge(
-                    f"request line exceeds max_message_bytes ({self.max_message_bytes}); closing the connection")))
+                line = await self._next_line(reader, buffer)
+            except (ConnectionError, TimeoutError):
+                return  # a reset, or an idle client
+            except MessageTooLarge as refusal:
+                await replies.put(self._refuse(refusal))
                 return
-            if len(line) > self.max_message_bytes + 1:  # the limit is reloadable; the reader's is fixed
-                await replies.put(self._refuse(MessageTooLarge(
-                    f"request line exceeds max_message_bytes ({self.max_message_bytes})")))
-                return
-            await replies.put(self._handle(line[:-1], time.perf_counter()))
+            if line is None:
+                return  # EOF: a half line stores nothing
+            await replies.put(self._handle(line, time.perf_counter()))
+
+    async def _next_line(self, reader: asyncio.StreamReader, buffer: bytearray) -> bytes | None:
+        """The next request line without its newline, or None at EOF.
+
+        Our own buffer rather than ``readuntil``: the stream's limit is fixed when the server starts, while
+        ``max_message_bytes`` is reloadable and must refuse a long line before its newline ever arrives.
+        """
+        scanned = 0
+        while (end := buffer.find(b"\n", scanned)) < 0:
+            scanned = len(buffer)
+            if scanned > self.max_message_bytes:
+                break
+            chunk = await asyncio.wait_for(reader.read(_READ_CHUNK), self.idle_timeout)
+            if not chunk:
+                return None
+            buffer += chunk
+        if end < 0 or end > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"request line exceeds max_message_bytes ({self.max_message_bytes}); closing the connection")
+        line = bytes(buffer[:end])
+        del buffer[:end + 1]
+        return line
 
     def _handle(self, line: bytes, received: float) -> asyncio.Future[bytes]:
         if self._closing:

@@ -1,0 +1,407 @@
+"""Tests of forwarder.ingest against a real daemon on a real socket: corpus, framing, socket hygiene, rights.
+
+Raw sockets, not ``Client``, wherever the bytes on the wire are the point. Nothing waits on a timer: an
+idle drop is awaited as EOF on the dropped socket, readiness as a ping answer, storage as ``status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forwarder.client import Client
+from forwarder.message import QueuedMessage
+from forwarder.store import open_readonly, read_ids
+from forwarder.store.reader import read_window
+from tests.support.daemon import DaemonProcess, ping
+from tests.test_protocol import Frame, expected_kind, invalid_frames, valid_frames
+
+NO_API = ("--api-url", "https://127.0.0.1:9")  # nothing listens there: every message stays queued
+WAIT = 20.0  # seconds; only a bound on a wait for an event, never a measurement
+NOBODY = 65534
+OTHER_GROUP = 4242
+
+
+class Line:
+    """A raw connection to the daemon that reads reply lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(str(path))
+        self._file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> dict[str, Any]:
+        line = self._file.readline()
+        assert line.endswith(b"\n"), f"no reply line, got {line!r}"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def ask(self, line: bytes) -> dict[str, Any]:
+        self.send(line + b"\n")
+        return self.reply()
+
+    def rest_until_closed(self) -> bytes:
+        """Whatever the daemon still sends, up to its close (EOF, or a reset when our bytes went unread)."""
+        try:
+            return self._file.read()
+        except ConnectionResetError:
+            return b""
+
+    def readable(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> Line:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _set_line(email: str = "alice@example.com", **fields: Any) -> bytes:
+    return json.dumps({"op": "set", "email": email, "attributes": {"plan": "pro"}, **fields},
+                      separators=(",", ":")).encode()
+
+
+def _exit_status(daemon: DaemonProcess) -> int:
+    """Start a daemon that is expected to refuse to run; its exit status."""
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    return daemon.proc.wait(WAIT)
+
+
+def stored_records(data_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every stored message as (id, body), read through the store's read-only view as ``status`` does."""
+    conn = open_readonly(data_dir)
+    try:
+        rows = read_window(conn, 0, 100_000)
+    finally:
+        conn.close()
+    records = [(row.id, dict(row.message.body)) for row in rows if isinstance(row, QueuedMessage)]
+    assert len(records) == len(rows), "a stored row does not decode"
+    return records
+
+
+def stored_ids(data_dir: Path) -> list[int]:
+    conn = open_readonly(data_dir)
+    try:
+        return read_ids(conn)
+    finally:
+        conn.close()
+
+
+# -- the corpus, over the wire
+
+def test_every_bad_input_gets_its_code_and_a_precise_detail_and_the_daemon_carries_on(
+        daemon: DaemonProcess) -> None:
+    frames = invalid_frames()
+    with Line(daemon.socket) as conn:
+        replies = {frame.name: conn.ask(frame.line) for frame in frames}
+        assert conn.ask(b'{"op":"ping"}') == {"ok": True}
+    assert {name: (reply["ok"], reply["error"]) for name, reply in replies.items()} == {
+        frame.name: (False, frame.code) for frame in frames}
+    assert {frame.name: replies[frame.name]["detail"] for frame in frames
+            if frame.detail not in replies[frame.name]["detail"]} == {}
+    status = daemon.status()
+    assert (status["backlog"], status["dead_letters"]) == (0, 0)
+
+
+def test_every_valid_input_is_acked_and_stored(daemon: DaemonProcess) -> None:
+    frames = valid_frames()
+    with Line(daemon.socket) as conn:
+        replies = [conn.ask(frame.line) for frame in frames]
+    assert replies == [{"ok": True} if expected_kind(frame) == "ping" else {"ok": True, "id": str(n)}
+                       for n, frame in _numbered(frames)]
+    assert [record for _, record in stored_records(daemon.data_dir)] == [
+        _expected_record(frame) for frame in frames if expected_kind(frame) != "ping"]
+
+
+def _numbered(frames: list[Frame]) -> Iterator[tuple[int, Frame]]:
+    """Pair each frame with the id it should get: messages are numbered from 1, pings get none."""
+    n = 0
+    for frame in frames:
+        n += expected_kind(frame) != "ping"
+        yield n, frame
+
+
+def _expected_record(frame: Frame) -> dict[str, Any]:
+    """The body the store should hold for a valid frame: its fields, absent optional ones filled in."""
+    request = json.loads(frame.line)
+    body = {k: v for k, v in request.items() if k not in ("op", "key")}
+    if expected_kind(frame) == "set":
+        return {"attributes": {}, "properties": {}, **body}
+    return body
+
+
+# -- idempotency
+
+def test_same_key_twice_returns_the_same_id_and_stores_one_message(client: Client,
+                                                                    daemon: DaemonProcess) -> None:
+    first = client.set("alice@example.com", {"plan": "pro"}, key="signup-1")
+    again = client.set("alice@example.com", {"plan": "pro"}, key="signup-1")
+    other = client.set("alice@example.com", {"plan": "pro"}, key="signup-2")
+    assert (first, again, other) == ("1", "1", "2")
+    assert daemon.status()["backlog"] == 2
+
+
+def test_same_key_twice_in_one_write_stores_one_message(daemon: DaemonProcess) -> None:
+    with Line(daemon.socket) as conn:
+        conn.send(_set_line(key="k") + b"\n" + _set_line(key="k") + b"\n")
+        assert [conn.reply(), conn.reply()] == [{"ok": True, "id": "1"}, {"ok": True, "id": "1"}]
+    assert daemon.status()["backlog"] == 1
+
+
+# -- framing
+
+def test_200_kib_message_written_one_byte_at_a_time_is_acked_whole(daemon: DaemonProcess) -> None:
+    overhead = len(_set_line(attributes={"blob": ""}))
+    blob = "x" * (200 * 1024 - overhead)
+    line = json.dumps({"op": "set", "email": "alice@example.com", "attributes": {"blob": blob}},
+                      separators=(",", ":")).encode()
+    assert len(line) == 200 * 1024
+    with Line(daemon.socket) as conn:
+        for byte in range(len(line)):
+            conn.send(line[byte:byte + 1])
+        conn.send(b"\n")
+        assert conn.reply() == {"ok": True, "id": "1"}
+    assert stored_records(daemon.data_dir) == [
+        (1, {"email": "alice@example.com", "attributes": {"blob": blob}, "properties": {}})]
+
+
+def test_requests_in_one_write_get_one_reply_each_in_order(daemon: DaemonProcess) -> None:
+    with Line(daemon.socket) as conn:
+        conn.send(b"\n".join([_set_line("a@example.com"), _set_line("not-an-email"), b'{"op":"ping"}',
+                              _set_line("b@example.com")]) + b"\n")
+        replies = [conn.reply() for _ in range(4)]
+    assert [reply["ok"] for reply in replies] == [True, False, True, True]
+    assert replies[0] == {"ok": True, "id": "1"}
+    assert replies[1]["error"] == "invalid"
+    assert replies[2] == {"ok": True}
+    assert replies[3] == {"ok": True, "id": "2"}
+
+
+def test_three_messages_in_one_write_are_all_stored(daemon: DaemonProcess) -> None:
+    with Line(daemon.socket) as conn:
+        conn.send(b"".join(_set_line(f"user{n}@example.com") + b"\n" for n in range(3)))
+        assert [conn.reply() for _ in range(3)] == [{"ok": True, "id": str(n)} for n in (1, 2, 3)]
+    assert [record["email"] for _, record in stored_records(daemon.data_dir)] == [
+        "user0@example.com", "user1@example.com", "user2@example.com"]
+
+
+def test_half_a_message_then_close_stores_nothing_and_gets_no_reply(daemon: DaemonProcess) -> None:
+    line = _set_line()
+    with Line(daemon.socket) as conn:
+        conn.send(line[: len(line) // 2])
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.rest_until_closed() == b""  # the daemon saw the EOF and closed its side
+    assert daemon.status()["backlog"] == 0
+    with Line(daemon.socket) as conn:
+        assert conn.ask(line) == {"ok": True, "id": "1"}  # no id was spent on the half
+
+
+@pytest.fixture
+def small_lines(make_daemon: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """A daemon whose longest request line is 1 KiB."""
+    return make_daemon(*NO_API, "--max-message-bytes", "1KiB").start()
+
+
+def _line_of(size: int) -> bytes:
+    line = _set_line(attributes={"pad": ""})
+    line = _set_line(attributes={"pad": "x" * (size - len(line))})
+    assert len(line) == size
+    return line
+
+
+def test_line_of_exactly_the_limit_is_accepted(small_lines: DaemonProcess) -> None:
+    with Line(small_lines.socket) as conn:
+        assert conn.ask(_line_of(1024)) == {"ok": True, "id": "1"}
+        assert conn.ask(b'{"op":"ping"}') == {"ok": True}
+
+
+def test_line_one_byte_over_the_limit_is_too_large_and_closes_the_connection(
+        small_lines: DaemonProcess) -> None:
+    with Line(small_lines.socket) as conn:
+        conn.send(_line_of(1025) + b"\n" + b'{"op":"ping"}\n')
+        assert conn.reply() == {"ok": False, "error": "too_large",
+                                "detail": "request line exceeds max_message_bytes (1024); closing the connection"}
+        assert conn.rest_until_closed() == b""  # the ping after it is never answered
+    assert small_lines.status()["backlog"] == 0
+    assert ping(small_lines.socket)
+
+
+def test_long_line_is_refused_before_its_newline_arrives(small_lines: DaemonProcess) -> None:
+    with Line(small_lines.socket) as conn:
+        conn.send(_set_line(attributes={"pad": "x" * 8192})[:-2])  # no end in sight
+        reply = conn.reply()
+        assert conn.rest_until_closed() == b""
+    assert reply == {"ok": False, "error": "too_large",
+                     "detail": "request line exceeds max_message_bytes (1024); closing the connection"}
+    assert small_lines.status()["backlog"] == 0
+
+
+def test_acked_messages_before_an_oversize_line_stay_stored(small_lines: DaemonProcess) -> None:
+    with Line(small_lines.socket) as conn:
+        conn.send(_set_line() + b"\n" + _line_of(4096) + b"\n")
+        assert conn.reply() == {"ok": True, "id": "1"}
+        assert conn.reply()["error"] == "too_large"
+        assert conn.rest_until_closed() == b""
+    assert small_lines.status()["backlog"] == 1
+
+
+def test_stalled_client_does_not_delay_other_clients(daemon: DaemonProcess) -> None:
+    line = _set_line("stalled@example.com")
+    with Line(daemon.socket) as stalled, Client(str(daemon.socket)) as other:
+        stalled.send(line[:10])
+        ids = [other.set(f"user{n}@example.com", {"n": str(n)}) for n in range(100)]
+        assert ids == [str(n) for n in range(1, 101)]
+        assert not stalled.readable()  # still connected, still waiting for its line
+        stalled.send(line[10:] + b"\n")
+        assert stalled.reply() == {"ok": True, "id": "101"}
+
+
+def test_idle_clients_are_dropped_after_the_idle_timeout(make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon(*NO_API, "--idle-timeout", "1s").start()
+    with Line(daemon.socket) as stalled, Line(daemon.socket) as silent:
+        stalled.send(_set_line()[:10])
+        assert stalled.rest_until_closed() == b""
+        assert silent.rest_until_closed() == b""
+    assert daemon.status()["backlog"] == 0
+    with Client(str(daemon.socket)) as client:
+        assert client.set("alice@example.com", {"plan": "pro"}) == "1"
+
+
+def test_sigterm_with_clients_connected_stops_cleanly(daemon: DaemonProcess) -> None:
+    with Line(daemon.socket) as idle, Line(daemon.socket) as halfway:
+        assert idle.ask(_set_line()) == {"ok": True, "id": "1"}
+        halfway.send(_set_line()[:10])
+        assert daemon.stop() == 0
+        assert idle.rest_until_closed() == b""
+        assert halfway.rest_until_closed() == b""
+    problems = [record for record in daemon.log_records() if record["level"] in ("error", "critical")]
+    assert problems == []
+    assert daemon.status()["backlog"] == 1
+    assert not daemon.socket.exists()
+
+
+# -- the socket file
+
+def test_stale_socket_after_kill_9_is_replaced_on_restart(daemon: DaemonProcess) -> None:
+    daemon.kill9()
+    assert stat.S_ISSOCK(daemon.socket.lstat().st_mode)  # left behind by the crash
+    assert not ping(daemon.socket)
+    daemon.start()
+    with Client(str(daemon.socket)) as client:
+        assert client.set("alice@example.com", {"plan": "pro"}) == "1"
+    assert "Replaced a stale socket file" in daemon.log()
+
+
+def test_second_daemon_on_a_live_socket_exits_and_leaves_the_first_alone(
+        daemon: DaemonProcess, tmp_path: Path) -> None:
+    inode = daemon.socket.stat().st_ino
+    with DaemonProcess(tmp_path / "other", daemon.socket, NO_API) as second:
+        assert _exit_status(second) == 3
+        assert f"a live forwarder already answers on {daemon.socket}; leaving it alone" in second.log()
+    assert daemon.socket.stat().st_ino == inode
+    with Client(str(daemon.socket)) as client:
+        assert client.set("alice@example.com", {"plan": "pro"}) == "1"
+
+
+def test_second_daemon_on_the_same_data_dir_exits_naming_the_pid(daemon: DaemonProcess,
+                                                                  short_dir: Path) -> None:
+    assert daemon.proc is not None
+    with DaemonProcess(daemon.data_dir, short_dir / "other.sock", NO_API) as second:
+        second.log_path = short_dir / "second.log"
+        assert _exit_status(second) == 3
+        assert (f"another turret-forwarder (pid {daemon.proc.pid}) is using data dir {daemon.data_dir}"
+                in second.log())
+    assert not (short_dir / "other.sock").exists()
+    assert ping(daemon.socket)
+
+
+def test_regular_file_at_the_socket_path_is_left_untouched(make_daemon: Callable[..., DaemonProcess],
+                                                            socket_path: Path) -> None:
+    socket_path.write_text("precious\n")
+    daemon = make_daemon(*NO_API)
+    assert _exit_status(daemon) == 1
+    assert socket_path.read_text() == "precious\n"
+    assert f"{socket_path} exists and is not a socket; refusing to touch it" in daemon.log()
+
+
+# -- permissions
+
+@pytest.fixture
+def traversable(short_dir: Path) -> Path:
+    """The socket's directory, searchable by anyone, so only the socket's own mode decides."""
+    short_dir.chmod(0o711)
+    return short_dir
+
+
+def _connect_as(path: Path, groups: list[int]) -> str:
+    """Connect from a forked child running as nobody with ``groups``; its answer to a ping, or the error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgroups(groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(WAIT)
+                sock.connect(str(path))
+                sock.sendall(b'{"op":"ping"}\n')
+                result = sock.recv(100).decode()
+        except BaseException as e:  # reported to the parent, which asserts on it
+            result = type(e).__name__
+        finally:
+            os.write(write_end, result.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_socket_is_0660_whatever_the_umask(make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon(*NO_API)
+    old = os.umask(0o077)  # the child inherits it
+    try:
+        daemon.start()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+
+
+def test_socket_mode_is_configurable(make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon(*NO_API, "--socket-mode", "0600").start()
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    assert ping(daemon.socket)
+
+
+def test_user_outside_the_socket_group_is_denied(make_daemon: Callable[..., DaemonProcess],
+                                                 traversable: Path) -> None:
+    daemon = make_daemon(*NO_API).start()
+    assert _connect_as(daemon.socket, []) == "PermissionError"
+
+
+def test_socket_group_lets_its_members_in(make_daemon: Callable[..., DaemonProcess],
+                                          traversable: Path) -> None:
+    daemon = make_daemon(*NO_API, "--socket-group", str(OTHER_GROUP)).start()
+    assert daemon.socket.stat().st_gid == OTHER_GROUP
+    assert _connect_as(daemon.socket, [OTHER_GROUP]) == '{"ok": true}\n'
+    assert _connect_as(daemon.socket, []) == "PermissionError"
