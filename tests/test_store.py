@@ -57,7 +57,7 @@ class _Recorder:
         return self._release
 
     def wait_for_ops(self, total: int) -> None:
-        """Wait until ``total`` ops in all have been committed (for ops that nobody waits on, like removals)."""
+        """Wait until ``total`` ops in all were committed (for ops nobody waits on, like removals)."""
         with self._changed:
             assert self._changed.wait_for(lambda: sum(self.commits) >= total, WAIT), self.commits
 
@@ -74,7 +74,8 @@ def outbox(data_dir: Path, recorder: _Recorder) -> Iterator[Outbox]:
 
 
 def _message(n: int, key: str | None = None) -> Message:
-    return Message(Kind.SET, {"email": f"user{n}@example.com", "attributes": {"n": str(n)}, "properties": {}}, key)
+    body = {"email": f"user{n}@example.com", "attributes": {"n": str(n)}, "properties": {}}
+    return Message(Kind.SET, body, key)
 
 
 def _submit(outbox: Outbox, message: Message) -> concurrent.futures.Future[int | Refused]:
@@ -132,7 +133,8 @@ def test_pragmas_hold_again_after_a_reopen(data_dir: Path) -> None:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
 
 
-def test_put_returns_the_id_after_the_commit_and_the_message_reads_back(outbox: Outbox, data_dir: Path) -> None:
+def test_put_returns_the_id_after_the_commit_and_the_message_reads_back(outbox: Outbox,
+                                                                          data_dir: Path) -> None:
     assert _put(outbox, _message(1)) == 1
     assert _put(outbox, _message(2)) == 2
     assert _stored_ids(data_dir) == [1, 2]
@@ -156,9 +158,6 @@ def test_read_window_pages_after_an_id(outbox: Outbox) -> None:
 
 def test_group_commit_puts_everything_submitted_during_a_commit_into_the_next_one(
         outbox: Outbox, recorder: _Recorder) -> None:
-    release = recorder.hold()
-    first = _submit(outbox, _message(0))
-    assert recorder.holding.wait(WAIT)
     futures: list[concurrent.futures.Future[int | Refused]] = []
     lock = threading.Lock()
 
@@ -168,15 +167,15 @@ def test_group_commit_puts_everything_submitted_during_a_commit_into_the_next_on
             with lock:
                 futures.append(future)
 
-    producers = [threading.Thread(target=produce, args=(t,)) for t in range(8)]
-    for producer in producers:
-        producer.start()
-    for producer in producers:
-        producer.join()
-    release.set()
-    ids = [future.result(WAIT) for future in [first, *futures]]
-    assert sorted(ids) == list(range(1, 802))  # type: ignore[type-var]
-    assert recorder.commits == [1, 800]  # 801 puts, 2 commits (2 fsyncs)
+    with _one_batch(outbox, recorder):
+        producers = [threading.Thread(target=produce, args=(t,)) for t in range(8)]
+        for producer in producers:
+            producer.start()
+        for producer in producers:
+            producer.join()
+    ids = {future.result(WAIT) for future in futures}
+    assert ids == set(range(2, 802))  # 1 is the parked message
+    assert recorder.commits == [1, 800]  # 801 puts, 2 commits: 2 fsyncs instead of 801
     assert outbox.stats.messages == 801
 
 
@@ -328,7 +327,8 @@ def test_same_idempotency_key_stores_one_message(outbox: Outbox, data_dir: Path)
 def test_same_idempotency_key_twice_in_one_batch_stores_one_message(
         outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
     with _one_batch(outbox, recorder):
-        batch = [_submit(outbox, message) for message in (_message(1, key="k"), _message(2, key="k"), _message(3))]
+        batch = [_submit(outbox, message)
+                 for message in (_message(1, key="k"), _message(2, key="k"), _message(3))]
     assert [future.result(WAIT) for future in batch] == [2, 2, 3]
     assert recorder.commits == [1, 3]
     assert _stored_ids(data_dir) == [1, 2, 3]
@@ -342,7 +342,8 @@ def test_idempotency_key_is_remembered_across_a_reopen(data_dir: Path) -> None:
         assert _stored_ids(data_dir) == [1]
 
 
-def test_second_outbox_on_the_same_data_dir_is_refused_naming_the_holder(outbox: Outbox, data_dir: Path) -> None:
+def test_second_outbox_on_the_same_data_dir_is_refused_naming_the_holder(outbox: Outbox,
+                                                                           data_dir: Path) -> None:
     with pytest.raises(AlreadyRunning) as caught:
         Outbox(data_dir)
     assert str(caught.value) == f"another turret-forwarder (pid {os.getpid()}) is using data dir {data_dir}"
@@ -363,7 +364,8 @@ def test_close_commits_every_put_submitted_before_it(data_dir: Path) -> None:
     assert _stored_ids(data_dir) == list(range(1, 501))
 
 
-def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox, recorder: _Recorder) -> None:
+def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox,
+                                                                    recorder: _Recorder) -> None:
     heard: list[int] = []
     outbox.on_commit(lambda: heard.append(outbox.stats.messages))
     assert _put(outbox, _message(1)) == 1

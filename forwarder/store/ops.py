@@ -66,6 +66,7 @@ class Remove(Op):
     """A delivered message leaves the outbox; rides the next group commit."""
 
     message_id: int
+    frees_space: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         delete_message(batch, self.message_id)

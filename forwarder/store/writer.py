@@ -9,6 +9,7 @@ commit fails, every put of the batch is refused with ``StorageFailed`` and nothi
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -26,7 +27,11 @@ from forwarder.store import schema
 
 logger = logging.getLogger(__name__)
 MAX_BATCH = 4096
-_MAINTENANCE_EVERY = 30.0  # seconds between incremental vacuum + checkpoint passes, off the ack path
+_MAINTENANCE_EVERY = 30.0  # seconds between WAL truncations while the writer is idle
+_RECLAIM_MIN_PAGES = 256  # free pages below which giving them back is not worth a write
+_RECLAIM_STEP = 1024  # pages per incremental vacuum: bounds the work between two batches, and the WAL
+RESERVE_FILE = "outbox.reserve"
+_RESERVE_BYTES = 4 << 20  # a WAL at its journal_size_limit: room for removals when the volume is full
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class Op:
 
     retry_on_failure: ClassVar[bool] = True  # deliveries and admin changes get one more try; puts are refused
     in_transaction: ClassVar[bool] = True  # False: runs alone after the batch's commit (VACUUM)
+    frees_space: ClassVar[bool] = False  # True: worth the reserve when the volume is full (removals)
     tries: int = 0
 
     def apply(self, batch: Batch) -> None:
@@ -126,6 +132,9 @@ class Writer:
         self._retry: list[Op] = []
         self._listeners: list[Callable[[], None]] = []
         self._last_maintenance = time.monotonic()
+        self._reclaim = True  # a removal was committed since the free pages were last given back
+        self._reserve = _Reserve(db_path.parent / RESERVE_FILE)
+        self._reserve.take(self._free_bytes())  # best effort: nothing at start-up may need free space
         self.stats = self._read_stats()
         self.commit_healthy = True  # False from a failed commit until the next successful one
         self._failures_log = RateLimitedLog(logger)
@@ -216,6 +225,7 @@ class Writer:
             return
         seconds = time.monotonic() - started
         self.commit_healthy = True
+        self._reclaim = self._reclaim or batch.removed
         self._refresh_stats(batch)
         for op, refusal in zip(ops, results, strict=True):
             op.settle(refusal)
@@ -247,6 +257,8 @@ class Writer:
             return f"backlog is at its limit of {limits.max_bytes} bytes"
         if free < limits.min_free_bytes:
             return f"free disk space on the data volume is below {limits.min_free_bytes} bytes"
+        if not self._reserve.take(free):
+            return "the data volume is full; new messages wait until removals of delivered ones free space"
         return None
 
     def _rollback(self) -> None:
@@ -262,6 +274,10 @@ class Writer:
         self._failures_log.warn(kind, "Commit failed; the batch was rolled back and its producers refused",
                                 {"kind": kind, "ops": len(ops), "error": str(error)})
         failure = StorageFailed(f"{'disk full' if kind == 'disk_full' else 'storage error'}: {error}")
+        if kind == "disk_full" and any(op.frees_space for op in ops) and self._reserve.release():
+            logger.warning("The data volume is full: released the outbox's reserve, so that delivered "
+                           "messages can still be removed; new ones are refused until there is room",
+                           extra={"fields": {"reserve_bytes": _RESERVE_BYTES}})
         for op in ops:
             op.tries += 1
             if op.retry_on_failure and op.tries < 2:
@@ -279,12 +295,83 @@ class Writer:
                            old.dead_letters + batch.dead_delta)
 
     def _maintain(self) -> None:
-        """Give freed pages back and checkpoint the WAL, at most every ``_MAINTENANCE_EVERY`` seconds."""
-        if time.monotonic() - self._last_maintenance < _MAINTENANCE_EVERY or not self._queue.empty():
+        """Between batches, when nothing waits: give freed pages back, and now and then truncate the WAL."""
+        if not self._queue.empty():
             return
-        self._last_maintenance = time.monotonic()
         try:
-            self._conn.execute("PRAGMA incremental_vacuum")
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._reclaim:
+                self._reclaim_pages()
+            if time.monotonic() - self._last_maintenance >= _MAINTENANCE_EVERY:
+                self._last_maintenance = time.monotonic()
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
-            logger.warning("Outbox maintenance failed; will try again", extra={"fields": {"error": str(e)}})
+            self._failures_log.warn("maintenance", "Outbox maintenance failed; will try again",
+                                    {"error": str(e)})
+
+    def _reclaim_pages(self) -> None:
+        """Return the pages of removed messages to the filesystem, one bounded step at a time.
+
+        Only once free pages are at least half the file: new messages reuse free pages, so a busy backlog
+        needs nothing, while a drained one (after an outage) shrinks to its live pages. A step relocates
+        at most ``_RECLAIM_STEP`` pages from the end of the file; a batch that arrives waits one step at most.
+        ``executescript``, because ``execute`` steps ``incremental_vacuum`` once, which frees a single page.
+        """
+        stepped = False
+        while self._queue.empty():
+            free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free < _RECLAIM_MIN_PAGES or 2 * free < self._conn.execute("PRAGMA page_count").fetchone()[0]:
+                self._reclaim = False
+                break
+            self._conn.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP})")
+            stepped = True
+        if stepped and not self._reclaim:  # the file is down to its live pages: the WAL too
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+class _Reserve:
+    """Space held back on the data volume, so that delivered messages can be removed when it is full.
+
+    A removal writes to the WAL like an insert does: on a full volume, without room, delivered messages
+    could never leave the outbox and the volume would never empty. The reserve is a preallocated file
+    beside the database. A commit with removals that fails for a full disk releases it and is retried;
+    until there is room to set it aside again, new messages are refused with ``full``, so they cannot eat it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self.held = path.exists()
+        self._unsupported = False  # the volume cannot preallocate: no reserve, and ingest is not held back
+
+    def take(self, free: int) -> bool:
+        """Set the reserve aside unless it is, if ``free`` bytes leave room for it; False when it is not."""
+        if self.held or self._unsupported:
+            return True
+        if free < 2 * _RESERVE_BYTES:
+            return False
+        partial = self._path.with_suffix(".partial")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(partial, self._path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            self._unsupported = True
+            logger.warning("Cannot set a reserve aside on the data volume; when it fills up, delivered "
+                           "messages stay in the outbox until space is freed",
+                           extra={"fields": {"error": str(e)}})
+            return True
+        self.held = True
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve's space to SQLite; False if it was not held."""
+        if not self.held:
+            return False
+        self._path.unlink(missing_ok=True)
+        self.held = False
+        return True
