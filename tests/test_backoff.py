@@ -75,7 +75,8 @@ def test_parse_retry_after_reads_seconds_and_dates(value: str, expected: float) 
 
 @pytest.mark.parametrize(
     "value",
-    [None, "", "   ", "soon", "1.5", "7s", "Wed, 32 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 99999999999999999999 07:28:00 GMT"],
+    [None, "", "   ", "soon", "1.5", "7s", "Wed, 32 Oct 2015 07:28:00 GMT",
+     "Wed, 21 Oct 99999999999999999999 07:28:00 GMT"],
 )
 def test_parse_retry_after_gives_none_for_absent_or_garbage(value: str | None) -> None:
     assert parse_retry_after(value, NOW, 3600.0) is None

@@ -1,34 +1,27 @@
-"""The flusher: replays the outbox to the upstream over HTTPS, in per-user order, many users at once.
+"""Scheduling: a bounded window of the backlog split into lanes by ordering key, many lanes at once.
 
-Owns scheduling (a bounded window of the backlog split into lanes by ordering key; at most one request
-in flight per lane), the endpoint gate (whole-API failures back off the endpoint, with one probe at a
-time), the credential pause, and sending. It is the only module that imports ``requests``, and
-``_transport_outcome`` is the one place a ``requests`` exception becomes an ``Outcome``. What a response
-means is the upstream's business (``turretio.Upstream.classify``); delivery never sees a path or header.
-All scheduling state belongs to the flusher thread; worker threads only send and report.
+At most one request is in flight per lane (per-user order). Whole-API failures close the endpoint gate
+(one probe at a time until one gets through); refused credentials pause signed messages. All scheduling
+state belongs to the flusher thread; worker threads only call the ``Sender`` and report back.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-import errno
 import heapq
 import itertools
 import logging
 import queue
 import random
-import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from forwarder.backoff import Backoff
 from forwarder.config import Config
+from forwarder.delivery.gate import EndpointGate
+from forwarder.delivery.sender import Sender
 from forwarder.message import QueuedMessage
 from forwarder.metrics import Metrics
 from forwarder.store import Outbox
@@ -94,15 +87,12 @@ class Flusher:
         self._cursor = 0
         self._more = True  # the outbox may hold messages after the cursor
         self._in_flight = 0
-        self._gate_until = 0.0  # monotonic; after it, one probe at a time until one gets through
-        self._gate_failures = 0
-        self._gate_since = 0.0
-        self._probing = False
+        self._gate = EndpointGate(self._rng)
         self._auth_paused = False
         self._next_auth_probe = 0.0
         self._no_credentials_logged_at = -_NO_CREDENTIALS_LOG_EVERY
         self._stop_deadline = 0.0
-        self._session = _session(config.concurrency)
+        self._sender = Sender(upstream, metrics, config.concurrency)
         self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
         # Daemon threads: a request hanging at shutdown is abandoned (its message stays queued), never waited on.
         self._workers = [threading.Thread(target=self._work, name=f"send-{i}", daemon=True)
@@ -144,7 +134,7 @@ class Flusher:
             return "paused_auth"
         if self._credentials is None and self._parked:
             return "paused_no_credentials"
-        if self._gate_failures:
+        if self._gate.failures:
             return "backing_off"
         return "running"
 
@@ -211,8 +201,9 @@ class Flusher:
         timers = [60.0]
         if self._delayed:
             timers.append(self._delayed[0][0] - now)
-        if self._gate_failures and not self._probing:
-            timers.append(self._gate_until - now)
+        gate = self._gate.timer(now)
+        if gate is not None:
+            timers.append(gate)
         if self._auth_paused and self._parked:
             timers.append(self._next_auth_probe - now)
         return max(0.0, min(timers))
@@ -244,27 +235,27 @@ class Flusher:
             _, _, lane = heapq.heappop(self._delayed)
             self._ready.append(lane)
 
-    def _gate_closed(self, now: float) -> bool:
-        return bool(self._gate_failures) and (now < self._gate_until or self._probing)
-
     def _dispatch(self, now: float) -> None:
-        while self._ready and self._in_flight < self._config.concurrency and not self._gate_closed(now):
+        while self._ready and self._in_flight < self._config.concurrency and not self._gate.closed(now):
             lane = self._ready.popleft()
             head = lane.messages[0]
             if self._expired(head):
-                self.outbox.dead_letter(head.id, "expired", counts_attempt=False)
-                self._advance(lane)
+                self._expire(lane)
             elif self.upstream.needs_credentials(head.message) and (self._auth_paused or not self._credentials):
                 self._park(lane)
             else:
-                self._send(lane, head, probe=bool(self._gate_failures))
+                self._send(lane, head, probe=bool(self._gate.failures))
 
     def _expired(self, queued: QueuedMessage) -> bool:
         return time.time() - queued.enqueued_at > self._config.max_age
 
+    def _expire(self, lane: _Lane) -> None:
+        self.outbox.dead_letter(lane.messages[0].id, "expired", counts_attempt=False)
+        self._advance(lane)
+
     def _send(self, lane: _Lane, queued: QueuedMessage, probe: bool) -> None:
         lane.busy = lane.in_flight = True
-        self._probing = self._probing or probe
+        self._gate.probing = self._gate.probing or probe
         self._in_flight += 1
         self._jobs.put(_Job(lane, queued, self._credentials, probe))
 
@@ -284,11 +275,14 @@ class Flusher:
 
     def _probe_credentials(self, now: float) -> None:
         """While paused on refused credentials, send one parked head now and then to see if they work again."""
-        if (self._auth_paused and self._parked and self._credentials and not self._probing
+        if (self._auth_paused and self._parked and self._credentials and not self._gate.probing
                 and now >= self._next_auth_probe and self._in_flight < self._config.concurrency):
             self._next_auth_probe = now + self._config.auth_probe_interval
             lane = self._parked.pop(0)
-            self._send(lane, lane.messages[0], probe=True)
+            if self._expired(lane.messages[0]):  # parked heads age too: never send one past max_age
+                self._expire(lane)
+            else:
+                self._send(lane, lane.messages[0], probe=True)
 
     def _resume_credentials(self, why: str) -> None:
         was_paused = self._auth_paused
@@ -301,7 +295,8 @@ class Flusher:
 
     def _flush_now(self) -> None:
         logger.info("Flush requested: retrying everything now")
-        self._gate_failures, self._gate_until, self._next_auth_probe = 0, 0.0, 0.0
+        self._gate.reset()
+        self._next_auth_probe = 0.0
         self._resync()
 
     def _resync(self) -> None:
@@ -338,12 +333,12 @@ class Flusher:
         job, outcome = done.job, done.outcome
         job.lane.in_flight = False
         if job.probe:
-            self._probing = False
+            self._gate.probing = False
         self.metrics.attempts.labels(outcome.result.value).inc()
         if isinstance(outcome, Delivered):
             self._on_delivered(job)
         elif isinstance(outcome, Dead):
-            self._endpoint_ok()
+            self._gate.answered(job.probe)
             self.outbox.dead_letter(job.queued.id, outcome.reason, outcome.status, outcome.body)
             self._advance(job.lane)
         elif isinstance(outcome, PauseAuth):
@@ -356,16 +351,10 @@ class Flusher:
         self.last_delivery_at = time.time()
         self.metrics.delivered.inc()
         self.metrics.end_to_end.observe(max(0.0, self.last_delivery_at - job.queued.enqueued_at))
-        self._endpoint_ok()
+        self._gate.answered(job.probe)
         if self._auth_paused and job.credentials is not None and job.credentials == self._credentials:
             self._resume_credentials("the API accepted the credentials again")
         self._advance(job.lane)
-
-    def _endpoint_ok(self) -> None:
-        if self._gate_failures:
-            logger.info("Upstream reachable again", extra={"fields": {
-                "failed_attempts": self._gate_failures, "seconds": round(time.monotonic() - self._gate_since, 1)}})
-        self._gate_failures, self._gate_until = 0, 0.0
 
     def _on_auth_refused(self, job: _Job, outcome: PauseAuth) -> None:
         if job.credentials != self._credentials:  # refused with credentials that were replaced meanwhile
@@ -384,7 +373,7 @@ class Flusher:
         config = self._config
         backoff = Backoff(config.backoff_base, config.backoff_cap)
         if outcome.endpoint:
-            self._close_gate(outcome, backoff)
+            self._gate.failed(outcome, job.probe, backoff)
         if outcome.result is Result.RATE_LIMITED:  # the API's limit, not this message's fault: no budget spent
             lane.busy = False
             self._ready.append(lane)
@@ -398,100 +387,14 @@ class Flusher:
         self.outbox.record_attempt(queued.id, outcome.reason, time.time() + delay)
         self._delay(lane, delay)
 
-    def _close_gate(self, outcome: Retry, backoff: Backoff) -> None:
-        now = time.monotonic()
-        if not self._gate_failures:
-            self._gate_since = now
-            logger.warning("Upstream failing; backing off the endpoint (messages are kept)",
-                           extra={"fields": {"result": outcome.result.value, "reason": outcome.reason}})
-        self._gate_failures += 1
-        delay = outcome.after if outcome.after is not None else backoff.delay(self._gate_failures, self._rng)
-        self._gate_until = max(self._gate_until, now + delay)
-
     # -- worker threads --------------------------------------------------------------------------------
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                outcome = self._attempt(job)
+                outcome = self._sender.attempt(job.queued, job.credentials, self._config)
             except Exception:  # a bug must not lose the lane: report it as a retryable failure
                 logger.exception("Delivery attempt failed unexpectedly")
                 self.metrics.internal_errors.inc()
                 outcome = Retry(Result.CONNECT, "internal error", endpoint=True)
             self._events.put(_Done(job, outcome))
-
-    def _attempt(self, job: _Job) -> Outcome:
-        config = self._config
-        request = self.upstream.build_request(job.queued, job.credentials, time.time())
-        started = time.monotonic()
-        try:
-            with self._session.post(
-                config.api_url + request.path, data=request.body, headers=request.headers,
-                timeout=(config.connect_timeout, config.read_timeout), allow_redirects=False, stream=True,
-                # Per request, not on the session: requests lets REQUESTS_CA_BUNDLE override Session.verify.
-                verify=str(config.ca_file) if config.ca_file else True,
-            ) as response:
-                body = _read_capped(response)
-                status, headers = response.status_code, response.headers
-        except requests.RequestException as error:
-            return _transport_outcome(error)
-        finally:
-            self.metrics.request_duration.observe(time.monotonic() - started)
-        return self.upstream.classify(job.queued.message, status, headers, body, time.time())
-
-
-def _session(concurrency: int) -> requests.Session:
-    """One keep-alive pool sized to the concurrency; retries are ours, never urllib3's (it skips POST)."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0, pool_block=False)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
-_MAX_RESPONSE_BYTES = 65536
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    """The response body up to a bound: a misbehaving server cannot make us buffer gigabytes."""
-    chunks, size = [], 0
-    for chunk in response.iter_content(8192):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= _MAX_RESPONSE_BYTES:
-            break
-    return b"".join(chunks)[:_MAX_RESPONSE_BYTES]
-
-
-def _transport_outcome(error: requests.RequestException) -> Retry:
-    """The one place a ``requests`` exception becomes an ``Outcome``; the reason never holds the URL."""
-    causes = list(_causes(error))
-    if isinstance(error, requests.exceptions.SSLError) or any(isinstance(c, ssl.SSLError) for c in causes):
-        tls = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
-        return Retry(Result.TLS, f"tls: {getattr(tls, 'reason', None) or 'handshake failed'}", endpoint=True)
-    if isinstance(error, requests.Timeout) or any(isinstance(c, TimeoutError) for c in causes):
-        return Retry(Result.TIMEOUT, "timeout", endpoint=True)
-    return Retry(Result.CONNECT, _connect_reason(causes), endpoint=True)
-
-
-def _connect_reason(causes: list[BaseException]) -> str:
-    for cause in causes:
-        if isinstance(cause, socket.gaierror):
-            return "dns lookup failed"
-        if isinstance(cause, OSError) and cause.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
-            return "connection refused" if cause.errno == errno.ECONNREFUSED else "connection reset"
-    return "connection failed"
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    """The exception and everything it wraps (urllib3 nests the real cause a few levels down)."""
-    seen: list[BaseException] = []
-    todo: list[BaseException] = [error]
-    while todo and len(seen) < 16:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.append(current)
-        todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
-                             *current.args) if isinstance(e, BaseException)]
-    return seen

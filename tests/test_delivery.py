@@ -1,0 +1,141 @@
+"""The flusher's endpoint gate, in-process: a real Outbox in a temp dir and the real fake Turret.IO API.
+
+The backoff's random source is pinned to the ceiling of its full jitter, so every wait is exactly its
+upper bound and the scenarios below run the same way each time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forwarder.config import Config, load_config
+from forwarder.delivery import Flusher
+from forwarder.errors import Refused
+from forwarder.fakeapi import FakeTurretIO, Respond
+from forwarder.message import Kind, Message
+from forwarder.metrics import Metrics, Snapshot
+from forwarder.store import Outbox, list_queue, open_readonly
+from forwarder.turretio import Credentials, TurretUpstream
+from tests.conftest import API_KEY, API_SECRET
+
+
+class _Ceiling(random.Random):
+    """Full jitter pinned to its ceiling: each backoff waits exactly its upper bound."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    with Outbox(tmp_path / "data") as box:
+        yield box
+
+
+def _config(tmp_path: Path, api: FakeTurretIO, **flags: str) -> Config:
+    return load_config({"data_dir": str(tmp_path / "data"), "api_url": api.url, "ca_file": str(api.ca_file),
+                        **flags}, {})
+
+
+def _queue(outbox: Outbox, users: int) -> list[int]:
+    """One set per user, committed before the flusher starts, so its first window holds them all."""
+    futures: list[concurrent.futures.Future[int]] = []
+    for n in range(users):
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        futures.append(future)
+        outbox.put(Message(Kind.SET, {"email": f"user{n}@example.com", "attributes": {"n": str(n)},
+                                      "properties": {}}), _settle(future))
+    return [future.result(timeout=10) for future in futures]
+
+
+def _settle(future: concurrent.futures.Future[int]) -> Any:
+    def done(result: int | Refused) -> None:
+        if isinstance(result, Refused):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    return done
+
+
+def _flusher(outbox: Outbox, config: Config) -> Flusher:
+    metrics = Metrics(lambda: Snapshot(0, 0, None, 0, "running", None), "test")
+    return Flusher(outbox, TurretUpstream(), config, metrics, Credentials.from_base64(API_KEY, API_SECRET),
+                   rng=_Ceiling())
+
+
+def _gate_logs(caplog: pytest.LogCaptureFixture) -> list[tuple[str, Any]]:
+    return [(record.getMessage().split(";")[0], getattr(record, "fields", {}).get("failed_attempts"))
+            for record in caplog.records if record.getMessage().startswith("Upstream")]
+
+
+def test_requests_in_flight_when_the_endpoint_fails_are_one_backoff_step_not_one_each(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # All eight in flight together (the answers are held 0.3 s), all eight answered 503. Counting each
+    # would make the first wait 0.2 s * 2**7 = 25.6 s; one step waits 0.2 s before the probe.
+    fake_api.set_delay(0.3)
+    fake_api.script(*[Respond(503)] * 8)
+    ids = _queue(outbox, 8)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="8", backoff_base="200ms",
+                                       backoff_cap="60s"))
+    caplog.set_level(logging.INFO, logger="forwarder.delivery")
+    flusher.start()
+    try:
+        fake_api.wait_for_count(8, timeout=10)
+    finally:
+        flusher.stop(timeout=5)
+    received = fake_api.received()
+    assert [r.status for r in received[:8]] == [503] * 8
+    assert sorted(int(r.idempotency_key or 0) for r in received[8:]) == ids
+    assert _gate_logs(caplog) == [("Upstream failing", None), ("Upstream reachable again", 1)]
+
+
+def test_an_answer_to_a_request_sent_before_the_endpoint_failed_does_not_reopen_it(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Two users in flight: one is answered 503 at once, the other 200 a second later, while the API has
+    # meanwhile stopped accepting connections. That late 200 is older news than the 503.
+    fake_api.script(Respond(200, b"{}", delay=1.0), Respond(503))
+    _queue(outbox, 2)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="2", backoff_base="200ms",
+                                       backoff_cap="400ms"))
+    caplog.set_level(logging.INFO, logger="forwarder.delivery")
+    flusher.start()
+    try:
+        fake_api.wait_for(lambda received: any(r.status == 503 for r in received), timeout=10)
+        fake_api.set_mode("refuse")
+        fake_api.wait_for_count(1, timeout=10)  # the late 200
+        _wait_until(lambda: outbox.stats.messages == 1)  # ... and its removal committed
+        # One more refused attempt, reported after the late 200: the gate stayed closed, the outage still on.
+        attempts = _attempts(outbox)
+        _wait_until(lambda: _attempts(outbox) > attempts)
+        assert _gate_logs(caplog) == [("Upstream failing", None)]
+        fake_api.set_mode("up")
+        fake_api.wait_for_count(2, timeout=10)
+    finally:
+        flusher.stop(timeout=5)
+    assert [name for name, _ in _gate_logs(caplog)] == ["Upstream failing", "Upstream reachable again"]
+
+
+def _attempts(outbox: Outbox) -> int:
+    """The failed attempts the outbox has committed for its messages."""
+    conn = open_readonly(outbox.data_dir)
+    try:
+        return sum(row["attempts"] for row in list_queue(conn))
+    finally:
+        conn.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a committed state (the writer's commit is the event; nothing to subscribe to in-process)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
