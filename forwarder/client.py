@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from forwarder.errors import ForwarderError, refusal_for_code
+from forwarder.errors import ForwarderError, MessageTooLarge, refusal_for_code
 
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 1.0
@@ -81,6 +81,8 @@ class Client:
         line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
         with self._lock:
             reply = self._round_trip(line)
+            if reply.get("error") == MessageTooLarge.code:
+                self._disconnect()  # the daemon closes this connection after the reply; never reuse it
         if reply.get("ok") is True:
             return reply
         raise refusal_for_code(str(reply.get("error")))(str(reply.get("detail", "")))
@@ -93,8 +95,12 @@ class Client:
         except OSError as e:
             self._disconnect()
             raise ForwarderUnavailable(f"connection to {self.socket_path} broke mid-request: {e}") from e
-        reply = json.loads(raw)
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            reply = None
         if not isinstance(reply, dict):
+            self._disconnect()  # out of step with the daemon: a later reply could answer the wrong request
             raise ForwarderUnavailable(f"unexpected reply from {self.socket_path}: {raw[:100]!r}")
         return reply
 

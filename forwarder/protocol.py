@@ -156,8 +156,8 @@ def _check_depth(body: dict[str, Any]) -> None:
     """Refuse a body nested deeper than ``MAX_DEPTH``, level by level (no recursion of our own)."""
     level: list[Any] = [body]
     for _ in range(MAX_DEPTH):
-        level = [child for value in level
-                 for child in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())]
+        level = [child for value in level if isinstance(value, (dict, list))
+                 for child in (value.values() if isinstance(value, dict) else value)]
         if not level:
             return
     raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels")
