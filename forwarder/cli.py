@@ -32,9 +32,6 @@ _NOT_SETTINGS = frozenset({"run", "command", "action", "id", "all", "json", "lim
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    # As PID 1 in a container, a signal with no handler is ignored: until the daemon's loop installs its
-    # own, SIGTERM must still end the process (nothing is acked before then, so nothing can be lost).
-    signal.signal(signal.SIGTERM, _exit_now)
     parser = _parser()
     args = parser.parse_args(argv)
     environ = dict(os.environ) if environ is None else environ
@@ -106,6 +103,9 @@ def config_of(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 
 
 def _serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    # As PID 1 in a container, a signal with no handler is ignored: until the daemon's loop installs its
+    # own, SIGTERM must still end the process (nothing is acked before then, so nothing can be lost).
+    signal.signal(signal.SIGTERM, _exit_now)
     from forwarder.daemon import serve
 
     serve(_flags(args), environ)

@@ -66,6 +66,9 @@ def make_daemon(data_dir: Path, socket_path: Path) -> Iterator[Callable[..., Dae
     yield make
     for daemon in made:
         daemon.__exit__()
+    # Every daemon of the suite, not one chosen scenario: no log may show a secret or a clear email.
+    leaks = {str(daemon.log_path): found for daemon in made if (found := daemon.leaks())}
+    assert not leaks, f"logs show what they must not: {leaks}"
 
 
 @pytest.fixture

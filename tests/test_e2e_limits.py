@@ -20,6 +20,7 @@ from forwarder.errors import OutboxFull, Refused, StorageFailed
 from forwarder.fakeapi import FakeTurretIO
 from forwarder.protocol import parse_frame
 from forwarder.store import schema
+from tests.support import unavailable
 from tests.support.daemon import DaemonProcess
 
 FAST_RETRY = ("--backoff-base", "50ms", "--backoff-cap", "200ms")
@@ -91,7 +92,7 @@ def small_fs(data_dir: Path) -> Iterator[Path]:
     mount = ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS},mode=0750", "tmpfs", str(data_dir)]
     mounted = subprocess.run(mount, capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): "
+        unavailable(f"cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): "
                     f"{mounted.stderr.strip()}")
     try:
         yield data_dir

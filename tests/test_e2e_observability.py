@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forwarder.client import Client
 from forwarder.fakeapi import FakeTurretIO, Respond
 from forwarder.store.schema import DB_FILE
+from tests.support import unavailable
 from tests.support.daemon import DaemonProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +49,8 @@ SERIES = tuple[str, tuple[tuple[str, str], ...]]
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: install Debian's prometheus package (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} not found: install Debian's prometheus package (apt-get install prometheus)")
+    assert path is not None
     return path
 
 

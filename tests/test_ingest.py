@@ -6,20 +6,25 @@ idle drop is awaited as EOF on the dropped socket, readiness as a ping answer, s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
 import socket
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from forwarder.client import Client
+from forwarder.ingest import IngestServer, SocketOptions
 from forwarder.message import QueuedMessage
-from forwarder.store import open_readonly, read_ids
+from forwarder.metrics import Metrics, Snapshot
+from forwarder.store import Outbox, open_readonly, read_ids, schema
 from forwarder.store.reader import read_window
 from tests.support.daemon import DaemonProcess, ping
 from tests.test_protocol import Frame, expected_kind, invalid_frames, valid_frames
@@ -405,3 +410,52 @@ def test_socket_group_lets_its_members_in(make_daemon: Callable[..., DaemonProce
     assert daemon.socket.stat().st_gid == OTHER_GROUP
     assert _connect_as(daemon.socket, [OTHER_GROUP]) == '{"ok": true}\n'
     assert _connect_as(daemon.socket, []) == "PermissionError"
+
+
+def test_requests_during_shutdown_get_shutting_down_while_pending_acks_still_complete(
+        data_dir: Path, short_dir: Path) -> None:
+    """In process, so the moment between "stop accepting" and "socket closed" can be held open.
+
+    Another connection holds SQLite's write lock, so the first message's commit (and its ack) waits;
+    meanwhile the server is told to stop and a new request arrives.
+    """
+    path = short_dir / "in.sock"
+
+    async def scenario(outbox: Outbox, blocker: sqlite3.Connection) -> tuple[Any, Any, Any]:
+        metrics = Metrics(lambda: Snapshot(0, 0, None, 0, "running", None), "test", CollectorRegistry())
+        server = IngestServer(outbox, SocketOptions(path), metrics, 1 << 20, WAIT, dict)
+        await server.start()
+        pending_reader, pending_writer = await asyncio.open_unix_connection(str(path))
+        pending_writer.write(_set_line() + b"\n")
+        while not metrics.registry.get_sample_value("forwarder_ingest_received_messages_total", {"op": "set"}):
+            await asyncio.sleep(0.001)  # until ingest handed it to the outbox, whose commit waits on the lock
+        stopping = asyncio.create_task(server.stop(WAIT))
+        await asyncio.sleep(0)  # let stop() begin: it refuses from its first step, then waits for the ack
+        late_reader, late_writer = await asyncio.open_unix_connection(str(path))
+        late_writer.write(_set_line("late@example.com") + b"\n")
+        late = json.loads(await late_reader.readline())
+        blocker.rollback()
+        pending = json.loads(await pending_reader.readline())
+        await stopping
+        for writer in (pending_writer, late_writer):
+            writer.close()
+        return pending, late, metrics.registry.get_sample_value(
+            "forwarder_ingest_refused_messages_total", {"reason": "shutting_down"})
+
+    with Outbox(data_dir) as outbox:
+        blocker = sqlite3.connect(data_dir / schema.DB_FILE, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            pending, late, refused = asyncio.run(scenario(outbox, blocker))
+        finally:
+            blocker.close()
+    assert pending == {"ok": True, "id": "1"}
+    assert late == {"ok": False, "error": "shutting_down",
+                    "detail": "the forwarder is shutting down; retry against the new instance"}
+    assert refused == 1.0
+    assert not path.exists()
+    conn = open_readonly(data_dir)
+    try:
+        assert read_ids(conn) == [1]
+    finally:
+        conn.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 READY_TIMEOUT = 20.0
+_ANYTHING_AT_ANYTHING = re.compile(r"[^\s\"'<>]+@[^\s\"'<>]+")
 
 
 def free_port() -> int:
@@ -94,6 +99,24 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def leaks(self) -> list[str]:
+        """What the log shows that it never may: the API key or secret (raw or decoded), a clear email.
+
+        Emails are exempt only for a daemon started with ``--log-emails``, the operator's explicit choice.
+        """
+        log = self.log()
+        found = [f"secret {name}" for name, value in self._secrets() if value in log]
+        if "--log-emails" not in self.args:
+            found += _ANYTHING_AT_ANYTHING.findall(log)
+        return found
+
+    def _secrets(self) -> list[tuple[str, str]]:
+        secrets = [(name, self.env[name]) for name in ("TURRET_API_KEY", "TURRET_API_SECRET") if self.env.get(name)]
+        if secret := self.env.get("TURRET_API_SECRET"):
+            with contextlib.suppress(binascii.Error, UnicodeDecodeError):  # not base64: only the raw form
+                secrets.append(("TURRET_API_SECRET (decoded)", base64.b64decode(secret, validate=True).decode()))
+        return [(name, value) for name, value in secrets if len(value) >= 4]
 
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
