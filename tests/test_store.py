@@ -21,6 +21,7 @@ import pytest
 from forwarder.errors import AlreadyRunning, OutboxFull, Refused, StorageFailed
 from forwarder.message import Kind, Message
 from forwarder.store import Limits, Outbox, Stats, open_readonly, read_ids, read_stats, schema
+from forwarder.store.writer import KEY_RETENTION
 
 WAIT = 20.0  # seconds; only a bound on a wait for an event, never a measurement
 
@@ -340,6 +341,20 @@ def test_idempotency_key_is_remembered_across_a_reopen(data_dir: Path) -> None:
     with Outbox(data_dir) as reopened:
         assert _put(reopened, _message(1, key="k")) == 1
         assert _stored_ids(data_dir) == [1]
+
+
+def test_idempotency_keys_older_than_the_retention_are_forgotten_and_younger_ones_kept(data_dir: Path) -> None:
+    with Outbox(data_dir) as outbox:
+        assert _put(outbox, _message(1, key="old")) == 1
+        assert _put(outbox, _message(2, key="young")) == 2
+    with sqlite3.connect(data_dir / schema.DB_FILE) as conn:  # "old" was stored just past the retention
+        conn.execute("UPDATE idempotency_keys SET created = created - ? WHERE key = 'old'",
+                     (KEY_RETENTION + 60,))
+    conn.close()
+    with Outbox(data_dir) as reopened:
+        assert _put(reopened, _message(3, key="old")) == 3  # a new message: the key was forgotten
+        assert _put(reopened, _message(4, key="young")) == 2
+    assert _stored_ids(data_dir) == [1, 2, 3]
 
 
 def test_second_outbox_on_the_same_data_dir_is_refused_naming_the_holder(outbox: Outbox,

@@ -60,7 +60,10 @@ ADD_STATS = "UPDATE outbox_stats SET messages = messages + ?, bytes = bytes + ? 
 COUNT_DEAD = "SELECT COUNT(*) FROM dead_letters"
 FIND_KEY = "SELECT message_id FROM idempotency_keys WHERE key = ?"
 INSERT_KEY = "INSERT INTO idempotency_keys (key, message_id, created) VALUES (?, ?, ?)"
-PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE created < ?"
+# Keys are inserted in time order, so the oldest rowids are the oldest keys: each pass looks at a bounded
+# slice from the start of the table instead of scanning it (there is no index on ``created``).
+PRUNE_KEYS = """DELETE FROM idempotency_keys WHERE created < ? AND rowid IN
+    (SELECT rowid FROM idempotency_keys ORDER BY rowid LIMIT ?)"""
 WINDOW = f"""SELECT o._id, o.data, o.timestamp, COALESCE(s.attempts, 0)
     FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
     WHERE o._id > ? AND COALESCE(s.held, 0) = 0 ORDER BY o._id LIMIT ?"""

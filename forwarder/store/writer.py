@@ -30,6 +30,8 @@ MAX_BATCH = 4096
 _MAINTENANCE_EVERY = 30.0  # seconds between WAL truncations while the writer is idle
 _RECLAIM_MIN_PAGES = 256  # free pages below which giving them back is not worth a write
 _RECLAIM_STEP = 1024  # pages per incremental vacuum: bounds the work between two batches, and the WAL
+KEY_RETENTION = 7 * 86400.0  # seconds an idempotency key is remembered: past any app's retry horizon
+_PRUNE_STEP = 10_000  # keys looked at per pass, so a pass never holds the write lock for long
 RESERVE_FILE = "outbox.reserve"
 _RESERVE_BYTES = 4 << 20  # a WAL at its journal_size_limit: room for removals when the volume is full
 
@@ -138,6 +140,7 @@ class Writer:
         self.stats = self._read_stats()
         self.commit_healthy = True  # False from a failed commit until the next successful one
         self._failures_log = RateLimitedLog(logger)
+        self._prune_keys()  # keys of a daemon that was down for days go now, not at its next busy moment
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
 
     def start(self) -> None:
@@ -303,9 +306,22 @@ class Writer:
                 self._reclaim_pages()
             if time.monotonic() - self._last_maintenance >= _MAINTENANCE_EVERY:
                 self._last_maintenance = time.monotonic()
+                self._prune_keys()
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             self._failures_log.warn("maintenance", "Outbox maintenance failed; will try again",
+                                    {"error": str(e)})
+
+    def _prune_keys(self) -> None:
+        """Forget idempotency keys older than ``KEY_RETENTION``, one bounded step per call (best effort).
+
+        Without this the key table would grow with every keyed message for the life of the data dir. A
+        failure (the volume is full, say) only postpones the pruning: it never stops the writer.
+        """
+        try:
+            self._conn.execute(schema.PRUNE_KEYS, (time.time() - KEY_RETENTION, _PRUNE_STEP))
+        except sqlite3.Error as e:
+            self._failures_log.warn("maintenance", "Pruning old idempotency keys failed; will try again",
                                     {"error": str(e)})
 
     def _reclaim_pages(self) -> None:
