@@ -56,8 +56,8 @@ def add_commands(commands: Any, command: Callable[..., argparse.ArgumentParser],
     _target(command(dead, "retry", _wrap(_change("dead_retry")), "put dead letters back in the outbox"),
             allow_all=True)
     dead_purge = command(dead, "purge", _wrap(_dead_purge), "delete dead letters")
-    _target(dead_purge, allow_all=True, required=False)
-    dead_purge.add_argument("--older-than", metavar="DURATION", help="those dead for longer (e.g. 7d)")
+    _target(dead_purge, allow_all=True).add_argument(
+        "--older-than", metavar="DURATION", help="those dead for longer (e.g. 7d)")
     dead_purge.add_argument("--yes", action="store_true", help="do not ask")
     command(commands, "flush", _wrap(_flush), "retry everything now (forget backoffs)")
     command(commands, "compact", _wrap(_compact), "VACUUM the database to its minimum size")
@@ -75,11 +75,13 @@ def _show(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-emails", action="store_true", help="show email addresses in clear")
 
 
-def _target(parser: argparse.ArgumentParser, allow_all: bool, required: bool = True) -> None:
-    group = parser.add_mutually_exclusive_group(required=required)
+def _target(parser: argparse.ArgumentParser, allow_all: bool) -> argparse._MutuallyExclusiveGroup:
+    """Exactly one of: an id, or (where allowed) --all; the group, for commands with one more choice."""
+    group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("id", nargs="?", type=int, help="the message id")
     if allow_all:
         group.add_argument("--all", action="store_true", help="every message")
+    return group
 
 
 # -- read-only ------------------------------------------------------------------------------------------
@@ -203,8 +205,6 @@ def _dead_purge(args: argparse.Namespace, config: Config) -> int:
     request: dict[str, Any] = {"op": "dead_purge", "id": args.id, "all": args.all}
     if args.older_than is not None:
         request = {"op": "dead_purge", "older_than": _older_than(args.older_than)}
-    elif args.id is None and not args.all:
-        raise ForwarderError("dead purge: give an id, --all or --older-than")
     _confirm(args, "Delete these dead letters for good")
     print(f"dead purge: {_apply(config, request)} message(s)")
     return 0

@@ -7,12 +7,17 @@ through the running daemon's writer, or take the data dir's lock when none runs.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from forwarder.client import Client
 from forwarder.fakeapi import FakeTurretIO
 from forwarder.logs import email_ref
+from forwarder.store import schema
 from tests.support.daemon import DaemonProcess
 
 LIST_FIELDS = {"id", "kind", "user", "enqueued_at", "attempts", "last_attempt", "last_error", "next_attempt",
@@ -124,3 +129,43 @@ def test_queue_tools_work_on_the_data_dir_of_a_stopped_daemon(
     daemon.wait_for_status(lambda s: s["backlog"] == 2)
     assert _held(daemon) == {ids[1]: True, ids[2]: True}
     assert daemon.stop() == 0
+
+
+def _corrupt_the_key_index(db: Path) -> None:
+    """Change one key inside the idempotency-key index's page only: the table and its index disagree."""
+    conn = sqlite3.connect(db)
+    try:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                               ("sqlite_autoindex_idempotency_keys_1",)).fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    finally:
+        conn.close()
+    data = bytearray(db.read_bytes())
+    at = data.index(b"key-2", (root - 1) * page_size, root * page_size)
+    data[at:at + 5] = b"kez-2"
+    db.write_bytes(bytes(data))
+
+
+def test_check_reports_the_problems_of_a_damaged_file_and_exits_1(daemon: DaemonProcess) -> None:
+    with Client(str(daemon.socket)) as client:
+        for n in range(5):
+            client.set(EMAILS[n % len(EMAILS)], {"n": str(n)}, key=f"key-{n}")
+    assert _ok(daemon, "check") == "ok: integrity check passed\n"
+    assert daemon.stop() == 0
+    _corrupt_the_key_index(daemon.data_dir / schema.DB_FILE)
+
+    result = daemon.cli("check")
+    assert result.returncode == 1, result.stderr
+    problems = result.stdout.splitlines()
+    assert "row 3 missing from index sqlite_autoindex_idempotency_keys_1" in problems  # the changed key's row
+    assert all(line.endswith("missing from index sqlite_autoindex_idempotency_keys_1") for line in problems)
+
+
+@pytest.mark.parametrize("choice", [["7"], ["--all"]])
+def test_dead_purge_takes_one_of_an_id_all_or_older_than(daemon: DaemonProcess, choice: list[str]) -> None:
+    both = daemon.cli("dead", "purge", *choice, "--older-than", "1d", "--yes")
+    assert both.returncode == 2
+    assert "argument --older-than: not allowed with argument" in both.stderr
+    neither = daemon.cli("dead", "purge", "--yes")
+    assert neither.returncode == 2
+    assert "one of the arguments id --all --older-than is required" in neither.stderr
