@@ -236,3 +236,6 @@ def test_socket_volume_health_clean_stop_and_backlog_recovery(
     report = json.loads(status.stdout)
     assert (report["backlog"], report["dead_letters"], report["daemon"], report["credentials"]) == (
         8, 0, "running", "present")
+    listing = exec_in(second, "turret-forwarder", "queue", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert [str(row["id"]) for row in json.loads(listing.stdout)] == [*acked, "7", "8"]  # the very messages
