@@ -409,24 +409,6 @@ def test_prometheus_evaluates_every_panel_and_alert_and_sees_an_outage(
     assert used - exposed == {"up"}  # up is the only series Prometheus writes itself
 
 
-def test_scrapes_answer_while_another_process_holds_an_exclusive_lock(daemon: DaemonProcess,
-                                                                      client: Client) -> None:
-    for n in range(3):
-        client.set(f"user{n}@example.com", {"n": str(n)})
-    lock = sqlite3.connect(daemon.data_dir / DB_FILE, isolation_level=None, timeout=30)
-    try:
-        lock.execute("BEGIN EXCLUSIVE")
-        samples = _samples(_scrape(daemon))  # within urlopen's timeout, or the test fails
-        with urllib.request.urlopen(daemon.metrics_url + "/healthz", timeout=10) as response:
-            assert response.status == 200
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
-    assert _value(samples, "forwarder_outbox_messages") == 3.0
-    assert _value(samples, "forwarder_outbox_oldest_age_seconds") > 0.0
-    assert _value(samples, "forwarder_metrics_scrape_errors_total") == 0.0
-
-
 def _script_assorted(fake_api: FakeTurretIO, count: int) -> int:
     """Script ``count`` answers, one in 50 an error (400, 429, 500, 503 in turn); returns how many 400s.
 
@@ -470,3 +452,62 @@ def test_series_count_does_not_grow_with_50000_messages(
     assert _value(done, "forwarder_ingest_refused_messages_total", reason="invalid") == 500
     assert _value(done, "forwarder_delivery_attempts_total", result="rate_limited") > 0
     assert series[1] == series[0]
+
+
+def _probe(daemon: DaemonProcess, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(daemon.metrics_url + path, timeout=10) as response:
+            return response.status, json.loads(response.read())["detail"]
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())["detail"]
+
+
+def _wait_for_probe(daemon: DaemonProcess, path: str, status: int, timeout: float = 30.0) -> str:
+    """Poll a probe until it answers ``status`` (the daemon's own view is the event); its detail."""
+    deadline = time.monotonic() + timeout
+    while (answer := _probe(daemon, path))[0] != status:
+        assert time.monotonic() < deadline, f"{path} still answers {answer}"
+        time.sleep(0.05)
+    return answer[1]
+
+
+def test_readyz_fails_while_messages_wait_on_a_reachable_api_that_delivers_nothing(
+        fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
+    """Healthy but not forwarding must not look green: the API takes the request and answers 200 late."""
+    daemon = make_daemon("--stall-after", "1s", api=fake_api).start()
+    assert _probe(daemon, "/readyz") == (200, "ready (running)")
+    fake_api.script(Respond(200, delay=4.0))  # in flight, the endpoint fine: the state stays running
+    with Client(str(daemon.socket)) as client:
+        client.set("slow@example.com", {"plan": "pro"})
+    detail = _wait_for_probe(daemon, "/readyz", 503)
+    assert re.fullmatch(r"1 messages wait, the API is reachable, and nothing was delivered for \d+ s", detail)
+    assert _probe(daemon, "/healthz") == (200, "alive")  # alive all along: only readiness says "stuck"
+    fake_api.wait_for_count(1, timeout=30)
+    assert _wait_for_probe(daemon, "/readyz", 200) == "ready (running)"
+    assert daemon.status()["backlog"] == 0
+
+
+def test_scrapes_and_probes_answer_while_the_writer_waits_on_another_process_s_lock(
+        daemon: DaemonProcess, client: Client) -> None:
+    """The writer is blocked in its commit (another process holds SQLite's write lock): scrapes still answer."""
+    for n in range(3):
+        client.set(f"user{n}@example.com", {"n": str(n)})
+    lock = sqlite3.connect(daemon.data_dir / DB_FILE, isolation_level=None, timeout=30)
+    acked: list[str] = []
+    blocked = threading.Thread(target=lambda: acked.append(client.set("late@example.com", {"n": "3"})))
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        blocked.start()
+        samples = _wait_for_scrape(  # each scrape answers within urlopen's timeout, or the test fails
+            daemon, lambda s: _value(s, "forwarder_ingest_received_messages_total", op="set") == 4.0, 30)
+        assert acked == []  # its commit waits on the lock, so the writer is blocked during these scrapes
+        assert _probe(daemon, "/healthz") == (200, "alive")
+        assert _probe(daemon, "/readyz")[0] == 200
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    blocked.join(30)
+    assert acked == ["4"]
+    assert _value(samples, "forwarder_outbox_messages") == 3.0
+    assert _value(samples, "forwarder_outbox_oldest_age_seconds") > 0.0
+    assert _value(samples, "forwarder_metrics_scrape_errors_total") == 0.0
