@@ -1,9 +1,12 @@
 """Wires the daemon together: data-dir lock, start and stop order, signals, reload, health.
 
-Start order follows the data: outbox (takes the lock) -> ingest socket -> flusher -> metrics. Stop order is
-the reverse of the flow: stop accepting and settle pending acks, let in-flight deliveries finish (bounded),
-commit the last removals, close the database, remove the socket. Signal handlers only set a flag (as in
-gunicorn's arbiter); the work happens in the loop.
+Start order: outbox (takes the lock) -> metrics port -> ingest socket -> flusher -> admin socket. The
+metrics port comes before the socket so that a taken port fails before apps can see us; until the socket
+accepts, ``/healthz`` says so. A resource that cannot be opened is a ``ConfigError`` naming the setting,
+and a failed start closes what it opened (no stale socket, the lock released). Stop order is the reverse
+of the flow: stop accepting and settle pending acks, let in-flight deliveries finish (bounded), commit the
+last removals, close the database, remove the socket. Signal handlers only set a flag (as in gunicorn's
+arbiter); the work happens in the loop.
 """
 
 from __future__ import annotations
@@ -59,7 +62,11 @@ class Daemon:
         self._last_reload_error: str | None = None
         self.started_at = time.time()
         self.metrics = Metrics(self._snapshot, __version__)
-        self.outbox = Outbox(config.data_dir, events=self.metrics, limits=limits_of(config))
+        try:
+            self.outbox = Outbox(config.data_dir, events=self.metrics, limits=limits_of(config))
+        except OSError as e:
+            raise _unusable(config, "data_dir", f"cannot use {config.data_dir} as the data directory", e,
+                            config.data_dir) from None
         try:
             self.flusher = Flusher(self.outbox, TurretUpstream(config.retry_after_cap), config, self.metrics,
                                    credentials_of(config))
@@ -70,6 +77,7 @@ class Daemon:
             self.outbox.close()
             raise
         self._metrics_server: MetricsServer | None = None
+        self._flusher_started = False
         self._watcher: ConfigWatcher | None = None
 
     async def run(self) -> None:
@@ -79,37 +87,69 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
-        try:
-            await self.ingest.start()
-        except BaseException:
-            self.outbox.close()
-            raise
-        self.flusher.start()
-        self._start_metrics()
-        old_umask = os.umask(0o177)  # the admin socket is the daemon user's alone (0600) from its first moment
-        try:
-            admin = await asyncio.start_unix_server(self._serve_admin, self.config.admin_socket)
-        finally:
-            os.umask(old_umask)
-        def on_file_change() -> None:  # on the watcher's thread: hand over to the loop
-            loop.call_soon_threadsafe(self.reload, "file")
-
-        self._watcher = ConfigWatcher(self._watched_files(), on_file_change, self.config.reload_interval)
-        self._watcher.start()
-        self.reload("startup")  # a secret rotated between our first read and the watcher's baseline
+        admin = await self._start(loop)
         logger.info("Forwarder ready", extra={"fields": {
             "version": __version__, "data_dir": str(self.config.data_dir), "backlog": self.outbox.stats.messages,
             "credentials": "present" if credentials_of(self.config) else "missing"}})
         await stop.wait()
-        await self._shutdown(admin)
+        timeout = self.config.shutdown_timeout
+        logger.info("Shutting down", extra={"fields": {"timeout_seconds": timeout}})
+        await self._close(admin, timeout)
+        logger.info("Stopped cleanly")
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
+        """Open everything in start order; if any step fails, close what was opened, then re-raise."""
+        admin: asyncio.Server | None = None
+        try:
+            self._start_metrics()
+            try:
+                await self.ingest.start()
+            except OSError as e:
+                raise self._socket_error(e) from None
+            self.flusher.start()
+            self._flusher_started = True
+            admin = await self._start_admin()
+
+            def on_file_change() -> None:  # on the watcher's thread: hand over to the loop
+                loop.call_soon_threadsafe(self.reload, "file")
+
+            self._watcher = ConfigWatcher(self._watched_files(), on_file_change, self.config.reload_interval)
+            self._watcher.start()
+            self.reload("startup")  # a secret rotated between our first read and the watcher's baseline
+        except BaseException:
+            await self._close(admin, 0.0)
+            raise
+        return admin
 
     def _start_metrics(self) -> None:
         if self.config.metrics_addr is None:
             return
         host, port = self.config.metrics_addr
-        self._metrics_server = MetricsServer(host, port, self.metrics, self._healthz, self._readyz)
+        try:
+            self._metrics_server = MetricsServer(host, port, self.metrics, self._healthz, self._readyz)
+        except OSError as e:
+            raise _unusable(self.config, "metrics_addr", f"cannot listen on {host}:{port}", e, None) from None
         self._metrics_server.start()
         logger.info("Serving metrics", extra={"fields": {"address": f"{host}:{self._metrics_server.address[1]}"}})
+
+    def _socket_error(self, error: OSError) -> ConfigError:
+        path = self.config.socket
+        if self.ingest.accepting:  # bound, so handing the socket to its group failed (chown: not a member)
+            if self.config.socket_group is not None:
+                what = f"cannot give {path} to group {self.config.socket_group}"
+                return _unusable(self.config, "socket_group", what, error, path)
+            return _unusable(self.config, "socket_mode", f"cannot set the mode of {path}", error, path)
+        return _unusable(self.config, "socket", f"cannot listen on {path}", error, path)
+
+    async def _start_admin(self) -> asyncio.Server:
+        old_umask = os.umask(0o177)  # the admin socket is the daemon user's alone (0600) from its first moment
+        try:
+            return await asyncio.start_unix_server(self._serve_admin, self.config.admin_socket)
+        except OSError as e:  # e.g. a data dir path too long for a Unix socket
+            admin_socket = self.config.admin_socket
+            raise _unusable(self.config, "data_dir", f"cannot listen on {admin_socket}", e, admin_socket) from None
+        finally:
+            os.umask(old_umask)
 
     async def _serve_admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Queue tools' changes, committed by our writer (nobody else may write the data dir)."""
@@ -146,19 +186,19 @@ class Daemon:
         self.flusher.resync()
         return count
 
-    async def _shutdown(self, admin: asyncio.Server) -> None:
-        timeout = self.config.shutdown_timeout
-        logger.info("Shutting down", extra={"fields": {"timeout_seconds": timeout}})
+    async def _close(self, admin: asyncio.Server | None, timeout: float) -> None:
+        """Stop what was started, in stop order; also undoes a start that failed part way."""
         if self._watcher is not None:
             self._watcher.stop()
-        admin.close()
-        (self.config.admin_socket).unlink(missing_ok=True)
-        await self.ingest.stop(timeout)
-        await asyncio.to_thread(self.flusher.stop, timeout)
+        if admin is not None:
+            admin.close()
+            (self.config.admin_socket).unlink(missing_ok=True)
+        await self.ingest.stop(timeout)  # removes the socket only if we bound it, never another's
+        if self._flusher_started:
+            await asyncio.to_thread(self.flusher.stop, timeout)
         self.outbox.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        logger.info("Stopped cleanly")
 
     def _watched_files(self) -> list[Path]:
         config = self.config
@@ -185,7 +225,8 @@ class Daemon:
             self.metrics.reloads.labels("needs_restart").inc()
             logger.warning("Some changed settings apply only after a restart; they keep their old values",
                            extra={"fields": {"settings": fixed}})
-            new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in fixed})
+            sources = {**new.sources, **{name: self.config.source_of(name) for name in fixed}}
+            new = dataclasses.replace(new, sources=sources, **{name: getattr(self.config, name) for name in fixed})
         if not reloadable:
             self.metrics.reloads.labels("unchanged").inc()
             return
@@ -230,6 +271,19 @@ class Daemon:
             return False, f"{stats.messages} messages wait, the API is reachable, and nothing was delivered " \
                           f"for {int(time.time() - last)} s"
         return True, f"ready ({state})"
+
+
+def _unusable(config: Config, setting: str, action: str, error: OSError, path: Path | None) -> ConfigError:
+    """An ``OSError`` opening what ``setting`` names (``path``), as the one line the CLI prints (exit 2)."""
+    if isinstance(error, NotADirectoryError):
+        reason = "a parent is not a directory"
+    elif isinstance(error, FileExistsError):
+        reason = "it exists and is not a directory"
+    else:
+        reason = error.strerror or str(error)
+    if error.filename and Path(error.filename) != path:  # the lock file, or a parent mkdir made
+        reason += f" ({error.filename})"
+    return ConfigError(setting, config.source_of(setting), f"{action}: {reason}")
 
 
 def _register_secrets(config: Config) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from forwarder.client import Client, ForwarderUnavailable
@@ -24,19 +24,25 @@ from forwarder.fakeapi import DEMO_API_KEY, DEMO_API_SECRET, FakeTurretIO, Recei
 FIRST_BATCH = 20
 OUTAGE_BATCH = 30
 _STEP_TIMEOUT = 30.0
+_OUR_PREFIXES = ("FORWARDER_", "TURRET_")  # every setting's variable, and FORWARDER_CONFIG
 
 
 class DemoFailed(ForwarderError):
     """A step of the demo did not turn out as it should; the text says which."""
 
 
-def run_demo(out: Callable[[str], None] = print) -> int:
-    """Run the demo; 0 when every acked message was delivered, else ``DemoFailed`` with the reason."""
+def run_demo(out: Callable[[str], None] = print, environ: Mapping[str, str] | None = None) -> int:
+    """Run the demo; 0 when every acked message was delivered, else ``DemoFailed`` with the reason.
+
+    The forwarder it starts inherits ``environ`` (default ``os.environ``) without any ``FORWARDER_*`` or
+    ``TURRET_*`` variable: the user's own settings (a secret file, a config file) must not mix with the
+    demo's, which would fail ("api_secret is given too") or point the demo somewhere else.
+    """
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="turret-demo-") as tmp, FakeTurretIO(cert_dir=tmp) as api:
         work = Path(tmp)
         out(f"Local Turret.IO-compatible API on {api.url} (TLS with a throwaway CA), forwarder in {work}")
-        forwarder = _Forwarder(work, api)
+        forwarder = _Forwarder(work, api, os.environ if environ is None else environ)
         try:
             _demo_steps(out, api, forwarder)
         finally:
@@ -131,12 +137,13 @@ def _wait(out: Callable[[str], None], what: str, done: Callable[[], bool]) -> No
 class _Forwarder:
     """The real daemon as a child process (``python -m forwarder serve``), pointed at the local API."""
 
-    def __init__(self, work: Path, api: FakeTurretIO) -> None:
+    def __init__(self, work: Path, api: FakeTurretIO, environ: Mapping[str, str]) -> None:
         self.socket = work / "forwarder.sock"
         self._command = [sys.executable, "-m", "forwarder", "serve", "--data-dir", str(work / "data"),
                          "--socket", str(self.socket), "--api-url", api.url, "--ca-file", str(api.ca_file),
                          "--metrics-addr", "off", "--backoff-cap", "1s", "--log-format", "text"]
-        self._env = {**os.environ, "TURRET_API_KEY": DEMO_API_KEY, "TURRET_API_SECRET": DEMO_API_SECRET}
+        self._env = {key: value for key, value in environ.items() if not key.startswith(_OUR_PREFIXES)}
+        self._env.update(TURRET_API_KEY=DEMO_API_KEY, TURRET_API_SECRET=DEMO_API_SECRET)
         self._log = work / "forwarder.log"
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -301,7 +301,19 @@ def test_config_repr_masks_credentials(tmp_path: Path) -> None:
 
 def test_config_has_one_field_per_setting() -> None:
     names = [field.name for field in dataclasses.fields(Config)]
-    assert names == [s.name for s in SETTINGS] + ["config_file", "secret_files"]
+    assert names == [s.name for s in SETTINGS] + ["config_file", "secret_files", "sources"]
+
+
+def test_config_remembers_where_each_value_came_from(tmp_path: Path) -> None:
+    """For the daemon's errors about a value found bad only when used (a taken port, a data dir that is a file)."""
+    (tmp_path / "f.toml").write_text('log_level = "debug"\n')
+    config = load_config({"data_dir": str(tmp_path / "data"), "config": str(tmp_path / "f.toml")},
+                         {"FORWARDER_METRICS_ADDR": "127.0.0.1:1"})
+    assert config.source_of("data_dir") == "--data-dir"
+    assert config.source_of("metrics_addr") == "env FORWARDER_METRICS_ADDR"
+    assert config.source_of("log_level") == f"config {tmp_path / 'f.toml'}"
+    assert config.source_of("socket") == "default"
+    assert config == dataclasses.replace(config, sources={})  # where a value came from is not a change
 
 
 def test_add_arguments_suppresses_absent_flags_and_hides_secrets() -> None:

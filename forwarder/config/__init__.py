@@ -21,7 +21,7 @@ import argparse
 import difflib
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,15 @@ class Config:
     reload_interval: float
     config_file: Path | None
     secret_files: tuple[Path, ...]  # what a reload watches besides config_file
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> origin
+
+    def source_of(self, name: str) -> str:
+        """Where setting ``name``'s value came from (``--data-dir``, ``env ...``, ``config ...``, ``default``).
+
+        For the ``ConfigError`` of a value found bad only when used (a taken port, a data dir that is a
+        file); a ``Config`` built by hand has no sources and says so.
+        """
+        return self.sources.get(name, "the value in use")
 
     @property
     def admin_socket(self) -> Path:
@@ -150,7 +159,7 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     if values["backoff_base"] > values["backoff_cap"]:
         raise ConfigError("backoff_base", sources["backoff_base"],
                           f"is longer than backoff_cap ({sources['backoff_cap']})")
-    return Config(**values, config_file=config_file, secret_files=secret_files)
+    return Config(**values, config_file=config_file, secret_files=secret_files, sources=sources)
 
 
 def changed_settings(old: Config, new: Config) -> tuple[list[str], list[str]]:
