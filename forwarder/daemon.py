@@ -68,8 +68,8 @@ class Daemon:
             raise _unusable(config, "data_dir", f"cannot use {config.data_dir} as the data directory", e,
                             config.data_dir) from None
         try:
-            self.flusher = Flusher(self.outbox, TurretUpstream(config.retry_after_cap), config, self.metrics,
-                                   credentials_of(config))
+            self.upstream = TurretUpstream(config.retry_after_cap)
+            self.flusher = Flusher(self.outbox, self.upstream, config, self.metrics, credentials_of(config))
             self.ingest = IngestServer(self.outbox, SocketOptions(config.socket, config.socket_mode,
                                                                   config.socket_group),
                                        self.metrics, config.max_message_bytes, config.idle_timeout, self.status)
@@ -239,6 +239,7 @@ class Daemon:
         setup_logging(config.log_format, config.log_level, config.log_emails)
         _register_secrets(config)
         self.outbox.limits = limits_of(config)
+        self.upstream.retry_after_cap = config.retry_after_cap
         self.ingest.max_message_bytes, self.ingest.idle_timeout = config.max_message_bytes, config.idle_timeout
         self.flusher.apply(config, credentials_of(config))
         if self._watcher is not None:
@@ -268,7 +269,7 @@ class Daemon:
         stats, state = self.outbox.stats, self.flusher.state
         last = max(self.flusher.last_delivery_at or 0.0, self.started_at)
         if stats.messages and state == "running" and time.time() - last > self.config.stall_after:
-            return False, f"{stats.messages} messages wait, the API is reachable, and nothing was delivered " \
+            return False, f"{stats.messages} message(s) wait, the API is reachable, and nothing was delivered " \
                           f"for {int(time.time() - last)} s"
         return True, f"ready ({state})"
 

@@ -480,7 +480,7 @@ def test_readyz_fails_while_messages_wait_on_a_reachable_api_that_delivers_nothi
     with Client(str(daemon.socket)) as client:
         client.set("slow@example.com", {"plan": "pro"})
     detail = _wait_for_probe(daemon, "/readyz", 503)
-    assert re.fullmatch(r"1 messages wait, the API is reachable, and nothing was delivered for \d+ s", detail)
+    assert re.fullmatch(r"1 message\(s\) wait, the API is reachable, and nothing was delivered for \d+ s", detail)
     assert _probe(daemon, "/healthz") == (200, "alive")  # alive all along: only readiness says "stuck"
     fake_api.wait_for_count(1, timeout=30)
     assert _wait_for_probe(daemon, "/readyz", 200) == "ready (running)"

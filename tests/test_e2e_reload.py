@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.client import Client
 from forwarder.errors import ConfigError, MessageTooLarge
-from forwarder.fakeapi import FakeTurretIO
+from forwarder.fakeapi import FakeTurretIO, Respond
 from tests.conftest import API_KEY, API_SECRET
 from tests.support.daemon import DaemonProcess
 from tests.test_reload import publish_kubernetes_secret
@@ -157,6 +157,20 @@ def test_a_fixed_setting_reports_it_needs_a_restart_and_keeps_its_value(
     assert daemon.socket.stat().st_mode & 0o777 == 0o660
     with pytest.raises(MessageTooLarge):  # the reloadable change in the same save did apply
         _send(daemon, note=LONG)
+
+
+def test_a_reloaded_retry_after_cap_bounds_the_next_429(
+        tmp_path: Path, fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
+    config = tmp_path / "forwarder.toml"
+    config.write_text('retry_after_cap = "1h"\n')
+    daemon = _start(make_daemon, "--config", str(config), api=fake_api)
+    config.write_text('retry_after_cap = "1s"\n')
+    _wait_for_reloads(daemon, "applied", 1)
+    fake_api.script(Respond(429, b"slow down", {"Retry-After": "3600"}))
+    sent = _send(daemon)
+    # Under the old cap the retry would come an hour later: that it comes at all shows the new cap holds.
+    first, retry = fake_api.wait_for_count(2, timeout=WAIT, delivered=False)
+    assert (first.status, retry.status, retry.idempotency_key) == (429, 200, sent)
 
 
 def test_new_credentials_lift_a_credentials_pause_at_once(
