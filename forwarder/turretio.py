@@ -132,6 +132,11 @@ class Upstream(Protocol):
         """
         ...
 
+    @property
+    def credentials_hint(self) -> str:
+        """How an operator gives the credentials, for the warning logged while signed messages wait for them."""
+        ...
+
     def needs_credentials(self, message: Message) -> bool:
         """Whether ``build_request`` needs our credentials for ``message``.
 
@@ -176,6 +181,8 @@ class TurretUpstream(Upstream):
 
     ``retry_after_cap`` bounds any server-requested delay, in seconds.
     """
+
+    credentials_hint = "set TURRET_API_KEY and TURRET_API_SECRET, or TURRET_API_KEY_FILE and TURRET_API_SECRET_FILE"
 
     def __init__(self, retry_after_cap: float = 3600.0) -> None:
         self.retry_after_cap = retry_after_cap

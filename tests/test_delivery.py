@@ -18,6 +18,7 @@ import pytest
 
 from forwarder.config import Config, load_config
 from forwarder.delivery import Flusher
+from forwarder.delivery import flusher as flusher_module
 from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
 from forwarder.message import Kind, Message
@@ -65,10 +66,10 @@ def _settle(future: concurrent.futures.Future[int]) -> Any:
     return done
 
 
-def _flusher(outbox: Outbox, config: Config) -> Flusher:
+def _flusher(outbox: Outbox, config: Config, credentials: bool = True) -> Flusher:
     metrics = Metrics(lambda: Snapshot(0, 0, None, 0, "running", None), "test")
-    return Flusher(outbox, TurretUpstream(), config, metrics, Credentials.from_base64(API_KEY, API_SECRET),
-                   rng=_Ceiling())
+    return Flusher(outbox, TurretUpstream(), config, metrics,
+                   Credentials.from_base64(API_KEY, API_SECRET) if credentials else None, rng=_Ceiling())
 
 
 def _gate_logs(caplog: pytest.LogCaptureFixture) -> list[tuple[str, Any]]:
@@ -121,6 +122,32 @@ def test_an_answer_to_a_request_sent_before_the_endpoint_failed_does_not_reopen_
     finally:
         flusher.stop(timeout=5)
     assert [name for name, _ in _gate_logs(caplog)] == ["Upstream failing", "Upstream reachable again"]
+
+
+def test_missing_credentials_warn_once_per_interval_while_messages_wait_not_once_per_message(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three users' sets park in the flusher's first step; no new message arrives after that, so every
+    # further warning comes from the flusher's own timer.
+    monkeypatch.setattr(flusher_module, "_NO_CREDENTIALS_LOG_EVERY", 0.05)
+    _queue(outbox, 3)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api), credentials=False)
+    caplog.set_level(logging.INFO, logger="forwarder.delivery")
+    flusher.start()
+    try:
+        _wait_until(lambda: len(_credential_warnings(caplog)) >= 3)
+        assert flusher.state == "paused_no_credentials"
+    finally:
+        flusher.stop(timeout=5)
+    warnings = _credential_warnings(caplog)
+    assert {getattr(record, "fields", {}).get("waiting_users") for record in warnings} == {3}
+    assert all(TurretUpstream.credentials_hint in record.getMessage() for record in warnings)
+    assert fake_api.received() == []
+    assert outbox.stats.messages == 3
+
+
+def _credential_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in list(caplog.records) if record.getMessage().startswith("No API credentials")]
 
 
 def _attempts(outbox: Outbox) -> int:

@@ -20,6 +20,10 @@ from tests.conftest import API_KEY
 from tests.support.daemon import DaemonProcess
 
 SECRET = base64.b64decode("ZGVtby1zZWNyZXQtYnl0ZXM=")
+# The shared doc's worked vector, as the vendor's Python client's queue_set returned it.
+PRESIGNED = {"url": "/latest/user/alice@example.com", "api_key": "demo-key", "time": "1400000000",
+             "signature": "tB1GkjsuutpYQYMSZPxYFgcH8/1h32oCVyADf8ZU4ODK8XEt2XYqdMrfetqjWDqoF8UMxT+WjdUBDcViQq3Heg==",
+             "payload": "eyJwbGFuIjogInBybyIsICJwcm9wZXJ0aWVzIjoge319"}
 
 
 def _by_key(received: list[Received]) -> dict[str, Received]:
@@ -64,10 +68,7 @@ def test_500_sets_from_several_clients_arrive_signed_and_exact(
 
 def test_queue_set_payload_is_replayed_byte_for_byte(
         fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
-    # The shared doc's worked vector, as the vendor's Python client's queue_set returned it.
-    payload = {"url": "/latest/user/alice@example.com", "api_key": "demo-key", "time": "1400000000",
-               "signature": "tB1GkjsuutpYQYMSZPxYFgcH8/1h32oCVyADf8ZU4ODK8XEt2XYqdMrfetqjWDqoF8UMxT+WjdUBDcViQq3Heg==",
-               "payload": "eyJwbGFuIjogInBybyIsICJwcm9wZXJ0aWVzIjoge319"}
+    payload = PRESIGNED
     daemon = make_daemon(api=fake_api, credentials=False).start()  # pre-signed needs no credentials
     with Client(str(daemon.socket)) as client:
         message_id = client.send_presigned(json.dumps(payload))
@@ -81,23 +82,30 @@ def test_queue_set_payload_is_replayed_byte_for_byte(
     assert request.signature_valid
 
 
-def test_per_user_order_with_a_slow_api_and_users_in_parallel(
+def test_per_user_order_one_request_in_flight_per_user_and_users_in_parallel(
         fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
+    users, rounds = 6, 10
     fake_api.set_delay(0.05)
+    fake_api.hold()  # answers wait until every user has a request in flight: the overlap is certain
     daemon = make_daemon("--concurrency", "8", api=fake_api).start()
     order: dict[str, list[str]] = {}
     with Client(str(daemon.socket)) as client:
-        for n in range(10):
-            for user in range(6):
+        for n in range(rounds):
+            for user in range(users):
                 email = f"u{user}@example.com"
                 order.setdefault(email, []).append(client.set(email, {"n": str(n)}))
-    received = fake_api.wait_for_count(60, timeout=60)
-    for email, ids in order.items():
-        arrived = [r.idempotency_key for r in received if r.path == f"/latest/user/{email}"]
-        assert arrived == ids
-    # Different users overlapped: some request arrived while another user's was still being answered.
-    starts = sorted(r.at for r in received)
-    assert any(b - a < 0.05 for a, b in itertools.pairwise(starts))
+    fake_api.wait_for_held(users, timeout=30)
+    fake_api.release()
+    received = fake_api.wait_for_count(users * rounds, timeout=60)
+    assert len(fake_api.received()) == users * rounds  # each answered 200 the first time: no retry blurs it
+    for email, acked in order.items():
+        arrived = sorted((r for r in received if r.path == f"/latest/user/{email}"), key=lambda r: r.at)
+        assert [r.idempotency_key for r in arrived] == acked
+        for earlier, later in itertools.pairwise(arrived):  # at most one request in flight per user
+            assert earlier.answered_at is not None and earlier.answered_at < later.at
+    # Different users overlapped: some user's request arrived while another user's was in flight.
+    assert any(r.path != other.path and r.at < other.at < (r.answered_at or 0.0)
+               for r in received for other in received)
 
 
 def test_kill9_during_delivery_loses_nothing_and_keeps_idempotency_keys(

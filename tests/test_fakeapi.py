@@ -271,6 +271,33 @@ def test_delay_holds_every_answer(fake_api: FakeTurretIO) -> None:
     assert fake_api.received() == []  # recorded when answered; stop() cuts the delay short
 
 
+def test_each_record_says_when_it_arrived_and_when_it_was_answered(fake_api: FakeTurretIO) -> None:
+    with requests.Session() as session:
+        post(fake_api, client=session)
+        fake_api.set_mode("hang")  # on an open connection: the request is read, and never answered
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            post(fake_api, client=session, timeout=0.2)
+        fake_api.set_mode("up")
+
+    answered, hung = fake_api.received()
+    assert answered.answered_at is not None and answered.at <= answered.answered_at
+    assert (hung.status, hung.answered_at) == (0, None)
+
+
+def test_held_answers_wait_for_release_and_are_counted_while_they_wait(fake_api: FakeTurretIO) -> None:
+    fake_api.hold()
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(post, fake_api) for _ in range(2)]
+        fake_api.wait_for_held(2, timeout=10)
+        assert fake_api.received() == []
+        fake_api.release()
+        assert [answer.result().status_code for answer in answers] == [200, 200]
+
+    first, second = fake_api.received()
+    assert first.answered_at is not None and second.answered_at is not None
+    assert max(first.at, second.at) < min(first.answered_at, second.answered_at)  # both in flight at once
+
+
 def test_stop_returns_with_hanging_and_half_open_connections(tmp_path: Path) -> None:
     fake = FakeTurretIO(cert_dir=str(tmp_path))
     fake.start()

@@ -90,7 +90,7 @@ class Flusher:
         self._gate = EndpointGate(self._rng)
         self._auth_paused = False
         self._next_auth_probe = 0.0
-        self._no_credentials_logged_at = -_NO_CREDENTIALS_LOG_EVERY
+        self._next_no_credentials_warning = 0.0  # monotonic
         self._stop_deadline = 0.0
         self._sender = Sender(upstream, metrics, config.concurrency)
         self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
@@ -158,6 +158,7 @@ class Flusher:
         self._release_delayed(now)
         self._probe_credentials(now)
         self._dispatch(now)
+        self._warn_no_credentials(now)
         try:
             event = self._events.get(timeout=self._next_timer(time.monotonic()))
         except queue.Empty:
@@ -176,6 +177,7 @@ class Flusher:
         elif event is _Signal.WAKE:
             self._more = True
         elif event is _Signal.CREDENTIALS:
+            self._next_no_credentials_warning = 0.0  # should they go missing again, say so at once
             self._resume_credentials("credentials reloaded")
         elif event is _Signal.FLUSH:
             self._flush_now()
@@ -206,6 +208,8 @@ class Flusher:
             timers.append(gate)
         if self._auth_paused and self._parked:
             timers.append(self._next_auth_probe - now)
+        if self._credentials is None and self._parked:
+            timers.append(self._next_no_credentials_warning - now)
         return max(0.0, min(timers))
 
     def _refill(self) -> None:
@@ -262,16 +266,13 @@ class Flusher:
     def _park(self, lane: _Lane) -> None:
         lane.busy = True
         self._parked.append(lane)
-        if self._credentials is None:
-            self._log_no_credentials()
 
-    def _log_no_credentials(self) -> None:
-        now = time.monotonic()
-        if now - self._no_credentials_logged_at >= _NO_CREDENTIALS_LOG_EVERY:
-            self._no_credentials_logged_at = now
-            logger.warning("No API credentials: signed messages wait (pre-signed ones still flow); set "
-                           "TURRET_API_KEY/TURRET_API_SECRET or their _FILE variants",
-                           extra={"fields": {"waiting_users": len(self._parked)}})
+    def _warn_no_credentials(self, now: float) -> None:
+        """While messages wait for credentials we lack: a warning at once, then one per interval, not per message."""
+        if self._credentials is None and self._parked and now >= self._next_no_credentials_warning:
+            self._next_no_credentials_warning = now + _NO_CREDENTIALS_LOG_EVERY
+            logger.warning("No API credentials: signed messages wait (pre-signed ones still flow); "
+                           + self.upstream.credentials_hint, extra={"fields": {"waiting_users": len(self._parked)}})
 
     def _probe_credentials(self, now: float) -> None:
         """While paused on refused credentials, send one parked head now and then to see if they work again."""
@@ -289,8 +290,7 @@ class Flusher:
         self._auth_paused = False
         if was_paused:
             logger.info("Resuming signed deliveries", extra={"fields": {"reason": why}})
-        for lane in self._parked:
-            self._ready.append(lane)
+        self._ready.extend(self._parked)
         self._parked.clear()
 
     def _flush_now(self) -> None:

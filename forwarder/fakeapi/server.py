@@ -117,7 +117,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, received: Received, respond: Respond, *, stall: bool) -> None:
         self.fake._pause(respond.delay)
-        self.fake._record(replace(received, status=respond.status))
+        self.fake._wait_while_held()
+        self.fake._record(replace(received, status=respond.status, answered_at=time.monotonic()))
         self.send_response(respond.status)
         for name, value in respond.headers.items():
             if name.lower() != "content-length":
@@ -160,6 +161,7 @@ class FakeTurretIO:
         self._sockets: dict[int, socket.socket] = {}
         self._threads: dict[int, threading.Thread] = {}
         self._running = False
+        self._holding, self._held = False, 0  # answers kept back by hold(), and how many wait now
         self._listener: _Listener | None = None
         self._listener_lock = threading.Lock()
         self._own_dir: str | None = None
@@ -244,6 +246,22 @@ class FakeTurretIO:
             raise ValueError(f"delay must not be negative, got {seconds}")
         with self._cond:
             self._delay = seconds
+
+    def hold(self) -> None:
+        """Keep every answer back (after its delay) until ``release()``: requests pile up in flight."""
+        with self._cond:
+            self._holding = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._holding = False
+            self._cond.notify_all()
+
+    def wait_for_held(self, n: int, timeout: float) -> None:
+        """Block until at least ``n`` answers are being held back, that is ``n`` requests in flight at once."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._held >= n, timeout):
+                raise TimeoutError(f"fake API: {self._held} answers held within {timeout}s, not {n}")
 
     def set_credentials(self, api_key: str, api_secret_b64: str) -> None:
         secret = decode_secret(api_secret_b64, "set_credentials argument")
@@ -363,6 +381,13 @@ class FakeTurretIO:
         """Delay an answer; stop() cuts it short."""
         with self._cond:
             self._cond.wait_for(lambda: not self._running, seconds)
+
+    def _wait_while_held(self) -> None:
+        with self._cond:
+            self._held += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._holding or not self._running)
+            self._held -= 1
 
     def _wait_while(self, mode: Mode) -> None:
         with self._cond:

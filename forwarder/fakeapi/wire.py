@@ -49,7 +49,9 @@ class Received:
     """One request as the server read it, and the status line it sent back (0 if none was sent).
 
     A ``stall_body`` answer counts with its status: a real server would have applied that request, which is
-    what makes a retry of it a duplicate. ``path`` is the request target as sent, not URL-decoded.
+    what makes a retry of it a duplicate. ``path`` is the request target as sent, not URL-decoded. From
+    ``at`` to ``answered_at`` the request was in flight: a later request's ``at`` past an earlier one's
+    ``answered_at`` proves the client waited for that answer before sending.
     """
 
     method: str
@@ -62,6 +64,7 @@ class Received:
     idempotency_key: str | None
     connection: int  # serial number of the TCP connection, so a test can see keep-alive
     at: float  # time.monotonic() when the request was read
+    answered_at: float | None = None  # time.monotonic() just before the status line went out; None if none did
 
     @property
     def delivered(self) -> bool:
