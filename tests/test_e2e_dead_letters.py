@@ -70,6 +70,31 @@ def test_a_rejected_message_is_dead_lettered_and_the_other_users_flow_on(
     assert daemon.status()["dead_letters"] == 0
 
 
+def test_a_user_whose_head_backs_off_holds_its_later_messages_while_the_others_flow(
+        fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
+    fake_api.script(Respond(408, b"request timeout"))  # a retry of that one message, not of the endpoint
+    daemon = make_daemon(*FAST_BACKOFF, "--concurrency", "1", api=fake_api).start()
+    a1, b, c, a2 = _send(daemon, "a@example.com", "b@example.com", "c@example.com", "a@example.com")
+    received = fake_api.wait_for(lambda received: len(received) == 5, timeout=30)
+    assert [(r.idempotency_key, r.status) for r in received] == [
+        (a1, 408), (b, 200), (c, 200), (a1, 200), (a2, 200)]
+    assert daemon.wait_for_status(lambda s: s["backlog"] == 0)["dead_letters"] == 0
+
+
+def test_max_attempts_dead_letters_a_message_after_that_many_failures(
+        fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
+    fake_api.script(*[Respond(500, b"oops")] * 2)
+    daemon = make_daemon(*FAST_BACKOFF, "--max-attempts", "2", api=fake_api).start()
+    (doomed,) = _send(daemon, "doomed@example.com")
+    report = daemon.wait_for_status(lambda s: s["dead_letters"] == 1)
+    assert report["backlog"] == 0
+    (row,) = _dead_list(daemon)
+    assert (str(row["id"]), row["reason"], row["attempts"]) == (doomed, "max_attempts", 2)
+    assert [r.status for r in fake_api.wait_for_count(2, timeout=30, delivered=False)] == [500, 500]
+    (after,) = _send(daemon, "fine@example.com")  # the endpoint is fine again: the next one goes through
+    assert fake_api.wait_for_count(1, timeout=30)[0].idempotency_key == after
+
+
 def test_a_message_older_than_max_age_is_dead_lettered_as_expired_and_never_sent(
         fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess]) -> None:
     fake_api.set_mode("refuse")
