@@ -115,13 +115,22 @@ def _wait_for_timed_out_attempts(daemon: DaemonProcess, n: int) -> None:
     _wait_for(daemon, _queue, lambda rows: _failed_attempts(rows, "timeout") >= n, timeout=20)
 
 
-@pytest.mark.parametrize("mode", ["hang", "stall_body"])
+@pytest.mark.parametrize("mode", ["hang", "hang_after_request", "stall_body"])
 def test_an_api_that_accepts_and_stalls_times_out_each_attempt_and_delivers_when_it_answers(
         fake_api: FakeTurretIO, make_daemon: Callable[..., DaemonProcess], mode: str) -> None:
-    fake_api.set_mode(mode)
+    """``hang``: new connections stall in the TLS handshake. ``hang_after_request``: a warm keep-alive
+    connection takes the whole request and never answers. ``stall_body``: headers, then no body."""
     daemon = make_daemon(*FAST_BACKOFF, *SHORT_TIMEOUTS, api=fake_api).start()
+    if mode == "hang_after_request":
+        (warm,) = _send(daemon, "warm@example.com")
+        assert fake_api.wait_for_count(1, timeout=30)[0].idempotency_key == warm
+        _drained(daemon)  # the answer was read and the connection is back in the pool
+        fake_api.clear()
+    fake_api.set_mode(mode.removesuffix("_after_request"))
     (message_id,) = _send(daemon, "stall@example.com")
     _wait_for_timed_out_attempts(daemon, 2)
+    if mode == "hang_after_request":  # the first attempt was read in full by the server, then left hanging
+        assert [(r.idempotency_key, r.status) for r in fake_api.received()][:1] == [(message_id, 0)]
     stats = _read(daemon, read_stats)
     assert (stats.messages, stats.dead_letters) == (1, 0)
     fake_api.set_mode("up")
