@@ -6,8 +6,9 @@ confirm mode, one persistent publish to a durable queue, close. The long-lived f
 (ours) and one confirm-mode channel (RabbitMQ). Rounds alternate ours and RabbitMQ, so both see the same
 machine; each ratio is taken within a round, then the median over rounds is reported.
 
-Two floors are measured alongside, to show what is physics and what is code: a per-request ``ping`` (the
-same connect and round trip, no storage) and a bare SQLite commit of one row with the outbox's pragmas.
+Floors are measured alongside, to show what is physics and what is code: ``ping`` per request (the same
+connect and round trip, no storage), ``ping`` on one connection (the long-lived round trip, no storage) and
+a bare SQLite commit of one row with the outbox's pragmas (the fsync every ack waits for).
 
     python bench/ack_latency.py [--rounds 5] [--requests 2000] [--no-rabbitmq]
 """
@@ -62,6 +63,11 @@ def ours_ping_per_request(socket_path: Path) -> Sampler:
         with Client(str(socket_path)) as client:
             client.ping()
     return lambda count: _timed(count, one)
+
+
+def ours_ping_long_lived(socket_path: Path) -> Sampler:
+    client = Client(str(socket_path))
+    return lambda count: _timed(count, lambda n: client.ping())
 
 
 def ours_long_lived(socket_path: Path) -> Sampler:
@@ -162,6 +168,8 @@ def main() -> None:
                 "ours per request": (ours_per_request(daemon.socket), args.requests),
                 "ours long-lived": (ours_long_lived(daemon.socket), args.sequential),
                 "floor: ping per request (no storage)": (ours_ping_per_request(daemon.socket), args.requests),
+                "floor: ping on one connection (no storage)": (ours_ping_long_lived(daemon.socket),
+                                                               args.sequential),
                 "floor: one-row SQLite commit": (sqlite_commit_floor(work), args.requests),
             }
             cpu_before = cpu_seconds(daemon.pid)

@@ -5,9 +5,10 @@ ack, send the next (no pipelining). Producers are spread over a few generator pr
 sockets from one epoll loop on raw sockets, so the load generator is cheap; its CPU use is reported next to
 the daemon's, so a reader can see which side was the bottleneck. RabbitMQ runs the same pattern in the same
 run (pika, one confirm-mode channel per producer on one shared ioloop per process, persistent publishes to
-a durable queue).
+a durable queue). ``--ping`` sends pings instead (ours only): the daemon's ceiling for this pattern with
+no storage at all, to tell the cost of the socket and event-loop path from the cost of storing.
 
-    python bench/concurrency.py [--producers 1 16 64 256] [--seconds 3] [--rounds 3] [--no-rabbitmq]
+    python bench/concurrency.py [--producers 1 16 64 256] [--seconds 3] [--rounds 3] [--no-rabbitmq] [--ping]
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from harness import (
 _QUEUE = "turret-bench"
 _WARMUP = 0.5  # seconds of load before the measured window opens
 _LINES_PER_PRODUCER = 16
+_PING = b'{"op":"ping"}\n'
+_ping_only = False  # --ping: ours sends pings (no storage), set before the generators fork
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,8 @@ def _ours_generator(socket_path: str, first: int, producers: int, pipe: multipro
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, i)
         socks.append(sock)
-        lines.append([set_line((first + i) * _LINES_PER_PRODUCER + k) for k in range(_LINES_PER_PRODUCER)])
+        lines.append([_PING if _ping_only else set_line((first + i) * _LINES_PER_PRODUCER + k)
+                      for k in range(_LINES_PER_PRODUCER)])
     pipe.send("ready")
     window: Window = pipe.recv()
     time.sleep(max(0.0, window.start - _WARMUP - time.monotonic()))
@@ -255,10 +259,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
                         help="generator processes (each drives its share of the producers)")
+    parser.add_argument("--ping", action="store_true",
+                        help="ours sends pings instead of sets: the daemon's ceiling without storage "
+                             "(RabbitMQ is not measured)")
     harness.add_rabbitmq_flags(parser)
     args = parser.parse_args()
 
-    missing = harness.rabbitmq_skipped(args)
+    global _ping_only
+    _ping_only = args.ping
+    missing = "skipped (--ping measures ours without storage)" if args.ping else harness.rabbitmq_skipped(args)
     ours: dict[int, list[Round]] = {n: [] for n in args.producers}
     theirs: dict[int, list[Round]] = {n: [] for n in args.producers}
     with workdir("concurrency", args.work_dir) as work:
@@ -281,7 +290,8 @@ def main() -> None:
             finally:
                 if broker is not None:
                     broker.__exit__()
-        print(f"Messages stored by the daemon (all durable, all acked): {backlog}")
+        print(f"Messages stored by the daemon (all durable, all acked): {backlog}"
+              + (" (--ping: pings store nothing)" if args.ping else ""))
 
     print(f"\nConcurrent producers, one message outstanding each: median over {args.rounds} rounds of "
           f"{args.seconds:g} s (min-max)\n")

@@ -5,6 +5,8 @@ every run. Each run starts the daemon on its copy with credentials, ``--concurre
 API (``forwarder fake-api``, its own process) answering after an added delay. After a warm-up, the messages
 the API received in a fixed window (its own receive timestamps) give the rate. The ideal is C divided by
 the round trip of one signed keep-alive request, measured by this script against the same API and delay.
+The last column, messages per second of daemon CPU, is the rate one core's worth of daemon could reach:
+where it is below the ideal, the daemon's CPU per request (not the API round trip) is the limit.
 
     python bench/drain.py [--delays 0 0.05] [--concurrency 1 8 32 128] [--seconds 3] [--rounds 3]
 """
@@ -117,12 +119,13 @@ def main() -> None:
                              Spread.of([r.rate for r in runs]).show(digits=0),
                              Spread.of([r.rate / ideal for r in runs]).show(100, 0) + " %",
                              f"{statistics.median(r.daemon_cpu for r in runs):.0%}",
-                             f"{statistics.median(r.api_cpu for r in runs):.0%}"])
+                             f"{statistics.median(r.api_cpu for r in runs):.0%}",
+                             f"{statistics.median(r.rate / r.daemon_cpu for r in runs if r.daemon_cpu):.0f}"])
                 print(" | ".join(rows[-1]), flush=True)
     print(f"\nDrain to the local API: messages/s in a {args.seconds:g} s window after {_WARMUP:g} s warm-up, "
           f"median over {args.rounds} runs (min-max)\n")
     print(table(["added delay ms", "concurrency", "round trip ms", "ideal msg/s", "msg/s", "of ideal",
-                 "daemon CPU", "API CPU"], rows))
+                 "daemon CPU", "API CPU", "msg per daemon CPU-s"], rows))
 
 
 if __name__ == "__main__":
