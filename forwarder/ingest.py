@@ -4,6 +4,11 @@ Owns the socket file (hygiene, mode, group, stale-file replacement), framing (on
 pipelining, in-order replies) and per-connection error handling: a bad request gets a precise refusal on
 that connection and disturbs nothing else. An ``ok`` reply is written only after the outbox's writer
 committed the message. Never imports ``delivery``: the two meet only in the store.
+
+Each connection is an ``asyncio.Protocol``, not a pair of stream tasks: bytes arrive in a callback, whole
+lines are handled at once, and replies leave in one write per batch. Streams cost a task switch, a timer
+and a queue hop per request, which was the largest share of the daemon's CPU under many producers
+(``bench/README.md``, item 6).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.errors import AlreadyRunning, ForwarderError, MessageTooLarge, Refused, ShuttingDown
-from forwarder.metrics import Metrics
+from forwarder.metrics import OPS, REFUSAL_REASONS, Metrics
 from forwarder.protocol import Ping, StatusRequest, encode_ok, encode_refusal, parse_frame
 from forwarder.store import Outbox
 
 logger = logging.getLogger(__name__)
-_READ_CHUNK = 1 << 16
 _PIPELINE_DEPTH = 1024  # unanswered requests per connection before we stop reading it (backpressure)
+
+Reply = bytes | asyncio.Future[bytes]  # written as soon as it and every reply before it are ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +55,18 @@ class IngestServer:
         self.status = status
         self.options = options
         self.metrics = metrics
-        self.max_message_bytes = max_message_bytes  # reloadable: read per connection
-        self.idle_timeout = idle_timeout  # reloadable
+        self.max_message_bytes = max_message_bytes  # reloadable: read per received chunk
+        self.idle_timeout = idle_timeout  # reloadable: read each time a connection's idle timer fires
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._in_flight: set[asyncio.Future[bytes]] = set()
-        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # handler -> its stream
-        self._settled: collections.deque[tuple[asyncio.Future[bytes], bytes]] = collections.deque()
+        self._connections: set[_Connection] = set()
+        self._settled: collections.deque[tuple[_Connection, asyncio.Future[bytes], bytes]] = collections.deque()
         self._wake_scheduled = False
+        # The labelled children, looked up once: ``labels()`` per request was a measurable share of the CPU.
+        self._received = {op: metrics.received.labels(op) for op in OPS}
+        self._refused = {code: metrics.refused.labels(code) for code in REFUSAL_REASONS}
 
     @property
     def accepting(self) -> bool:
@@ -65,13 +74,13 @@ class IngestServer:
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one), set its mode and group, start serving."""
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         path = self.options.path
         _clear_stale_socket(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         old_umask = os.umask(0o177)  # never a moment where the socket is wider than 0600
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path)
+            self._server = await loop.create_unix_server(lambda: _Connection(self, loop), path)
         finally:
             os.umask(old_umask)
         if self.options.gid is not None:
@@ -88,103 +97,48 @@ class IngestServer:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.options.path.unlink()
-        await self._close_connections(timeout)
+        closed = [connection.finish() for connection in list(self._connections)]
+        if closed:
+            await asyncio.wait(closed, timeout=timeout)
+        for connection in list(self._connections):
+            connection.abort()  # a peer that would not take its replies within the timeout
 
-    async def _close_connections(self, timeout: float) -> None:
-        """Close every open connection and let its handler finish (its read loop sees EOF).
-
-        Left open, ``asyncio.run`` would cancel the handlers, and Python 3.11's stream callback logs a
-        cancelled handler as an error with a traceback.
-        """
-        for writer in self._connections.values():
-            writer.close()
-        if self._connections:
-            await asyncio.wait(set(self._connections), timeout=timeout)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._connections[handler] = writer
-        replies: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(_PIPELINE_DEPTH)
-        sender = asyncio.create_task(self._send_replies(replies, writer))
-        try:
-            await self._read_requests(reader, replies)
-        except Exception:
-            logger.exception("Connection handler failed")
-            self.metrics.internal_errors.inc()
-        finally:
-            await replies.put(None)
-            await sender
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            del self._connections[handler]
-
-    async def _read_requests(self, reader: asyncio.StreamReader,
-                             replies: asyncio.Queue[asyncio.Future[bytes] | None]) -> None:
-        buffer = bytearray()
-        while True:
-            try:
-                line = await self._next_line(reader, buffer)
-            except (ConnectionError, TimeoutError):
-                return  # a reset, or an idle client
-            except MessageTooLarge as refusal:
-                await replies.put(self._refuse(refusal))
-                return
-            if line is None:
-                return  # EOF: a half line stores nothing
-            await replies.put(self._handle(line, time.perf_counter()))
-
-    async def _next_line(self, reader: asyncio.StreamReader, buffer: bytearray) -> bytes | None:
-        """The next request line without its newline, or None at EOF.
-
-        Our own buffer rather than ``readuntil``: the stream's limit is fixed when the server starts, while
-        ``max_message_bytes`` is reloadable and must refuse a long line before its newline ever arrives.
-        """
-        scanned = 0
-        while (end := buffer.find(b"\n", scanned)) < 0:
-            scanned = len(buffer)
-            if scanned > self.max_message_bytes:
-                break
-            chunk = await asyncio.wait_for(reader.read(_READ_CHUNK), self.idle_timeout)
-            if not chunk:
-                return None
-            buffer += chunk
-        if end < 0 or end > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"request line exceeds max_message_bytes ({self.max_message_bytes}); closing the connection")
-        line = bytes(buffer[:end])
-        del buffer[:end + 1]
-        return line
-
-    def _handle(self, line: bytes, received: float) -> asyncio.Future[bytes]:
+    def handle(self, line: bytes, connection: _Connection) -> Reply:
+        """The reply to one request line: ready bytes, or a future settled after the commit."""
         if self._closing:
-            return self._refuse(ShuttingDown("the forwarder is shutting down; retry against the new instance"))
+            return self.refuse(ShuttingDown("the forwarder is shutting down; retry against the new instance"))
+        received = time.perf_counter()
         try:
             request = parse_frame(line)
         except Refused as refusal:
-            return self._refuse(refusal)
+            return self.refuse(refusal)
         if isinstance(request, Ping):
-            self.metrics.received.labels("ping").inc()
-            return self._done(encode_ok())
+            self._received["ping"].inc()
+            return encode_ok()
         if isinstance(request, StatusRequest):
-            return self._done(encode_ok(**self.status()))
-        self.metrics.received.labels(request.kind.value).inc()
-        future = self._new_future()
+            return encode_ok(**self.status())
+        self._received[request.kind.value].inc()
+        assert self._loop is not None
+        future: asyncio.Future[bytes] = self._loop.create_future()
         self._in_flight.add(future)
-        future.add_done_callback(self._in_flight.discard)
-        self.outbox.put(request, lambda result: self._settle_threadsafe(future, result, received))
+        self.outbox.put(request, lambda result: self._settle_threadsafe(connection, future, result, received))
         return future
 
-    def _settle_threadsafe(self, future: asyncio.Future[bytes], result: int | Refused, received: float) -> None:
+    def refuse(self, refusal: Refused) -> bytes:
+        """Count a refusal and encode its reply line."""
+        self._refused[refusal.code].inc()
+        return encode_refusal(refusal)
+
+    def _settle_threadsafe(self, connection: _Connection, future: asyncio.Future[bytes], result: int | Refused,
+                           received: float) -> None:
         """Called on the writer thread after the commit: hand the reply to the loop, one wake-up per batch."""
         if isinstance(result, Refused):
-            self.metrics.refused.labels(result.code).inc()
+            self._refused[result.code].inc()
             reply = encode_refusal(result)
         else:
             self.metrics.ack_latency.observe(time.perf_counter() - received)
             reply = encode_ok(result)
-        self._settled.append((future, reply))
+        self._settled.append((connection, future, reply))
         if not self._wake_scheduled:
             self._wake_scheduled = True
             assert self._loop is not None
@@ -192,39 +146,138 @@ class IngestServer:
 
     def _resolve_settled(self) -> None:
         self._wake_scheduled = False  # before draining: a settle racing with us schedules another pass
+        ready: dict[_Connection, None] = {}  # insertion-ordered set: each connection writes once per pass
         while self._settled:
-            future, reply = self._settled.popleft()
-            if not future.done():
-                future.set_result(reply)
+            connection, future, reply = self._settled.popleft()
+            future.set_result(reply)
+            self._in_flight.discard(future)
+            ready[connection] = None
+        for connection in ready:
+            connection.flush()
 
-    def _refuse(self, refusal: Refused) -> asyncio.Future[bytes]:
-        self.metrics.refused.labels(refusal.code).inc()
-        return self._done(encode_refusal(refusal))
 
-    def _done(self, reply: bytes) -> asyncio.Future[bytes]:
-        future = self._new_future()
-        future.set_result(reply)
-        return future
+class _Connection(asyncio.Protocol):
+    """One client: cuts its bytes into request lines and writes the replies back in request order.
 
-    def _new_future(self) -> asyncio.Future[bytes]:
-        assert self._loop is not None
-        return self._loop.create_future()
+    Our own line buffer rather than a stream's ``readuntil``: ``max_message_bytes`` is reloadable and must
+    refuse a long line before its newline ever arrives.
+    """
 
-    @staticmethod
-    async def _send_replies(replies: asyncio.Queue[asyncio.Future[bytes] | None],
-                            writer: asyncio.StreamWriter) -> None:
-        """Write replies in request order; keeps draining after the peer left so producers are settled."""
-        broken = False
-        while (future := await replies.get()) is not None:
-            reply = await future
-            if broken:
-                continue
-            try:
-                writer.write(reply)
-                if replies.empty():
-                    await writer.drain()
-            except ConnectionError:
-                broken = True
+    def __init__(self, server: IngestServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes at the start of the buffer known to hold no newline
+        self._replies: collections.deque[Reply] = collections.deque()
+        self._open = True  # False once EOF, an oversize line, an idle timeout or shutdown ended the requests
+        self._write_paused = False
+        self._read_paused = False
+        self._last_read = loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server._connections.add(self)
+        self._idle_timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._open:
+            return  # after an oversize line: the rest of the connection is not read
+        self._last_read = self._loop.time()
+        self._buffer += data
+        try:
+            self._take_lines()
+        except Exception:
+            logger.exception("Connection handler failed")
+            self._server.metrics.internal_errors.inc()
+            self._open = False
+        self.flush()
+
+    def _take_lines(self) -> None:
+        buffer, limit, start = self._buffer, self._server.max_message_bytes, 0
+        while (end := buffer.find(b"\n", max(start, self._scanned))) >= 0:
+            if end - start > limit:
+                break
+            self._replies.append(self._server.handle(bytes(buffer[start:end]), self))
+            start = end + 1
+        del buffer[:start]
+        self._scanned = len(buffer)
+        if self._scanned > limit:
+            self._replies.append(self._server.refuse(MessageTooLarge(
+                f"request line exceeds max_message_bytes ({limit}); closing the connection")))
+            self._open = False
+
+    def eof_received(self) -> bool:
+        self._open = False  # a half line stores nothing; replies still owed are written, then we close
+        self.flush()
+        return True  # keep the transport: the close happens in flush once every reply is out
+
+    def flush(self) -> None:
+        """Write every reply that is ready and has none pending before it; close once nothing is owed."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        replies, out = self._replies, []
+        while replies:
+            head = replies[0]
+            if not isinstance(head, bytes):
+                if not head.done():
+                    break
+                head = head.result()
+            out.append(head)
+            replies.popleft()
+        if out:
+            transport.write(b"".join(out))
+        if not self._open and not replies:
+            transport.close()
+        else:
+            self._steer_reading()
+
+    def _steer_reading(self) -> None:
+        """Backpressure: stop reading while too many replies are owed or the peer does not take them."""
+        assert self._transport is not None
+        hold = not self._open or self._write_paused or len(self._replies) >= _PIPELINE_DEPTH
+        if hold != self._read_paused:
+            self._read_paused = hold
+            (self._transport.pause_reading if hold else self._transport.resume_reading)()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._steer_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.flush()
+
+    def _check_idle(self) -> None:
+        """Drop a client that sent nothing for ``idle_timeout``, without a timer armed per read."""
+        remaining = self._last_read + self._server.idle_timeout - self._loop.time()
+        if remaining > 0:
+            self._idle_timer = self._loop.call_later(remaining, self._check_idle)
+            return
+        self._idle_timer = None
+        self.finish()
+
+    def finish(self) -> asyncio.Future[None]:
+        """Read no more; close once the replies still owed are written. Resolves when the connection is gone."""
+        self._open = False
+        self.flush()
+        return self._closed
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._server._connections.discard(self)
+        if not self._closed.done():
+            self._closed.set_result(None)
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -25,6 +25,7 @@ _PRESIGNED_FIELDS = frozenset({"url", "api_key", "time", "signature", "payload"}
 _EMAIL = re.compile(r"[A-Za-z0-9.!$&'*+=_~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _SEGMENT = re.compile(r"[A-Za-z0-9.!$&'()*+,;=:@_~-]+")
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
+_OK = b'{"ok": true}\n'
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,8 @@ Request = Message | Ping | StatusRequest
 def parse_frame(line: bytes) -> Request:
     """Parse one request line (without its newline) into a ``Message`` or ``Ping``."""
     try:
-        obj = json.loads(line, parse_constant=_refuse_constant)
+        # What json.loads(line, parse_constant=...) does, minus building a new decoder for every line.
+        obj = _DECODER.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidMessage(f"not valid JSON: {e}") from None
     except RecursionError:
@@ -69,6 +71,9 @@ def parse_frame(line: bytes) -> Request:
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are Python's extension, not JSON: the API could not parse the body we would send."""
     raise InvalidMessage(f"not valid JSON: {name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _check_fields(obj: dict[str, Any], allowed: set[str] | frozenset[str], what: str) -> None:
@@ -187,6 +192,8 @@ def _parse_presigned(obj: dict[str, Any]) -> Message:
 
 def encode_ok(message_id: int | None = None, **fields: Any) -> bytes:
     """The reply line for an accepted request (``id`` only for stored messages)."""
+    if not fields:  # every ack and ping: formatted directly, the same bytes json.dumps gives, at a tenth of the cost
+        return _OK if message_id is None else b'{"ok": true, "id": "%d"}\n' % message_id
     reply: dict[str, Any] = {"ok": True, **fields}
     if message_id is not None:
         reply["id"] = str(message_id)
