@@ -1,7 +1,8 @@
 """The outbox: the durable backlog between ingest and delivery (the only module that writes SQL).
 
 A package split Vector's way: ``schema`` (all SQL text, pragmas, the persist-queue contract),
-``writer`` (the one committing thread), ``ops`` (the changes it commits), ``reader`` (windows, stats).
+``writer`` (the one committing thread), ``batch`` (the open transaction as ops see it), ``ops`` (the
+changes it commits), ``reader`` (windows, stats).
 ``Outbox`` is the door the rest of the daemon uses; ``ingest`` and ``delivery`` meet only here.
 """
 

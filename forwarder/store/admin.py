@@ -12,8 +12,8 @@ from typing import Any
 
 from forwarder.errors import InvalidMessage
 from forwarder.store import schema
+from forwarder.store.batch import Batch
 from forwarder.store.ops import delete_message, not_found
-from forwarder.store.writer import Batch
 
 Change = Callable[[Batch], int]
 ALL = None  # pass as the id to mean every message

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from forwarder.errors import InvalidMessage, Refused
 from forwarder.store import schema
-from forwarder.store.writer import Batch, Op
+from forwarder.store.batch import Batch, Op
 
 PutDone = Callable[[int | Refused], None]
 
@@ -28,27 +28,14 @@ class Put(Op):
     message_id: int = 0
 
     def apply(self, batch: Batch) -> None:
-        cur = batch.conn.cursor()
-        if self.key is not None:
-            row = cur.execute(schema.FIND_KEY, (self.key,)).fetchone()
-            if row is not None:
-                self.message_id = row[0]
-                return
+        if self.key is not None and (stored := batch.find_key(self.key)) is not None:
+            self.message_id = stored
+            return
         batch.check_room(len(self.data))
-        cur.execute(schema.INSERT, (self.data, batch.now))
-        self.message_id = _lastrowid(cur.lastrowid)
-        batch.added(1, len(self.data))
-        if self.key is not None:
-            cur.execute(schema.INSERT_KEY, (self.key, self.message_id, batch.now))
+        self.message_id = batch.insert(self.data, self.key)
 
     def settle(self, failure: Refused | None) -> None:
         self.done(failure if failure is not None else self.message_id)
-
-
-def _lastrowid(rowid: int | None) -> int:
-    if rowid is None:  # cannot happen after a successful INSERT; guards the type
-        raise RuntimeError("INSERT returned no row id")
-    return rowid
 
 
 def delete_message(batch: Batch, message_id: int) -> bool:

@@ -8,6 +8,7 @@ columns, status values, serializer) are named here once and pinned by ``tests/te
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,11 @@ _CREATE = (
         dead_at REAL NOT NULL)""",
 )
 
-INSERT = f"INSERT INTO {TABLE} (data, timestamp, status) VALUES (?, ?, {STATUS_READY})"
 INSERT_WITH_ID = f"INSERT INTO {TABLE} (_id, data, timestamp, status) VALUES (?, ?, ?, {STATUS_READY})"
+# The id AUTOINCREMENT would give next: sqlite_sequence holds the largest id the table ever had, so an id is
+# never reused, even after the newest messages were delivered and removed.
+NEXT_ID = f"SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{TABLE}'), 0) + 1"
+INSERT_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per multi-row INSERT: 9 statement shapes, few statements
 SELECT_ONE = f"SELECT _id, data, timestamp FROM {TABLE} WHERE _id = ?"
 DELETE = f"DELETE FROM {TABLE} WHERE _id = ?"
 DELETE_STATE = "DELETE FROM message_state WHERE message_id = ?"
@@ -73,6 +77,13 @@ RECORD_ATTEMPT = """INSERT INTO message_state (message_id, attempts, first_attem
 STATE_OF = "SELECT attempts, first_attempt, last_attempt, last_error, held FROM message_state WHERE message_id = ?"
 INSERT_DEAD = """INSERT OR REPLACE INTO dead_letters (message_id, data, enqueued_at, reason, status, response,
     attempts, first_attempt, last_attempt, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+@functools.cache
+def insert_rows(count: int) -> str:
+    """One INSERT of ``count`` messages, each bound as (id, data, timestamp)."""
+    return f"INSERT INTO {TABLE} (_id, data, timestamp, status) VALUES " + ", ".join(
+        [f"(?, ?, ?, {STATUS_READY})"] * count)
 
 
 def encode_record(record: dict[str, Any]) -> bytes:

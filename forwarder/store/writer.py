@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Protocol
 
-from forwarder.errors import OutboxFull, Refused, StorageFailed
+from forwarder.errors import Refused, StorageFailed
 from forwarder.logs import RateLimitedLog
 from forwarder.store import schema
+from forwarder.store.batch import Batch, Op
 
 logger = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -66,60 +67,6 @@ class Events(Protocol):
 
     def dead_letter(self, reason: str) -> None:
         """A message moved to the dead letters for ``reason``."""
-
-
-class Batch:
-    """The open transaction as an op sees it: a cursor, the clock, and the running stats delta."""
-
-    def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int, int], str | None],
-                 free_bytes: Callable[[], int]) -> None:
-        self.conn = conn
-        self.now = now
-        self._room = room
-        self._free_bytes = free_bytes
-        self._free: int | None = None  # asked once per batch, and only if the batch stores something
-        self.messages = 0
-        self.bytes = 0
-        self.removed = False
-        self.inserted = False
-        self.dead_delta = 0
-        self.dead_reasons: list[str] = []
-
-    def added(self, messages: int, size: int) -> None:
-        """Account for rows entering (+) or leaving (-) the outbox in this transaction."""
-        self.messages += messages
-        self.bytes += size
-        self.removed = self.removed or messages < 0
-        self.inserted = self.inserted or messages > 0
-
-    def check_room(self, size: int) -> None:
-        """Refuse a new message of ``size`` bytes if a limit would be crossed."""
-        if self._free is None:
-            self._free = self._free_bytes()
-        reason = self._room(self.messages + 1, self.bytes + size, self._free)
-        if reason is not None:
-            raise OutboxFull(reason)
-
-    def dead_lettered(self, reason: str) -> None:
-        """Account for a message moved to the dead letters in this transaction."""
-        self.dead_delta += 1
-        self.dead_reasons.append(reason)
-
-
-class Op:
-    """One change applied inside a commit batch, settled after the commit or rollback."""
-
-    retry_on_failure: ClassVar[bool] = True  # deliveries and admin changes get one more try; puts are refused
-    in_transaction: ClassVar[bool] = True  # False: runs alone after the batch's commit (VACUUM)
-    frees_space: ClassVar[bool] = False  # True: worth the reserve when the volume is full (removals)
-    tries: int = 0
-
-    def apply(self, batch: Batch) -> None:
-        """Execute this op's statements inside the open transaction."""
-        raise NotImplementedError
-
-    def settle(self, failure: Refused | None) -> None:
-        """Tell the submitter how it ended; called on the writer thread, must not block."""
 
 
 class Writer:
@@ -219,6 +166,7 @@ class Writer:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, batch) for op in ops]
+            batch.write_inserts()
             if batch.messages or batch.bytes:
                 self._conn.execute(schema.ADD_STATS, (batch.messages, batch.bytes))
             self._conn.execute("COMMIT")
