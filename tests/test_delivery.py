@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,12 +21,13 @@ import pytest
 from forwarder.config import Config, load_config
 from forwarder.delivery import Flusher
 from forwarder.delivery import flusher as flusher_module
+from forwarder.delivery.sender import Sender
 from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
-from forwarder.message import Kind, Message
+from forwarder.message import Kind, Message, QueuedMessage
 from forwarder.metrics import Metrics, Snapshot
 from forwarder.store import Outbox, list_queue, open_readonly
-from forwarder.turretio import Credentials, TurretUpstream
+from forwarder.turretio import Credentials, Delivered, TurretUpstream
 from tests.conftest import API_KEY, API_SECRET
 
 
@@ -166,3 +169,64 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.02)
+
+
+def test_requests_go_through_the_environments_https_proxy_unless_no_proxy_names_the_api(
+        fake_api: FakeTurretIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sender bypasses the session's per-request environment merge; proxies must still be honoured.
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    config = _config(tmp_path, fake_api)
+    queued = QueuedMessage(1, Message(Kind.SET, {"email": "a@example.com", "attributes": {}, "properties": {}}),
+                           time.time())
+    credentials = Credentials.from_base64(API_KEY, API_SECRET)
+    metrics = Metrics(lambda: Snapshot(0, 0, None, 0, "running", None), "test")
+    with _ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        assert isinstance(Sender(TurretUpstream(), metrics, 1).attempt(queued, credentials, config), Delivered)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert isinstance(Sender(TurretUpstream(), metrics, 1).attempt(queued, credentials, config), Delivered)
+    assert proxy.targets == [fake_api.url.removeprefix("https://")]
+    assert len(fake_api.received()) == 2
+
+
+class _ConnectProxy:
+    """A minimal HTTPS proxy (CONNECT, then a byte pipe both ways) that records each tunnel's target."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.targets: list[str] = []
+
+    def __enter__(self) -> _ConnectProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        target = head.split()[1].decode()
+        self.targets.append(target)
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+        _pipe(client, upstream)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with source, sink:
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)

@@ -24,23 +24,31 @@ _MAX_RESPONSE_BYTES = 65536
 
 
 class Sender:
-    """One keep-alive session shared by the worker threads; ``attempt`` never raises for a network failure."""
+    """One keep-alive pool shared by the worker threads; ``attempt`` never raises for a network failure.
+
+    Requests go straight to the transport adapter, not through ``Session.post``: a session merges cookies,
+    hooks, redirects and the environment (proxies, ``REQUESTS_CA_BUNDLE``, netrc) into every request, which
+    cost a quarter of the daemon's CPU per delivery (``bench/README.md``, item 6) and of which a relay wants
+    none. Proxies from the environment are still honoured: looked up once per API URL.
+    """
 
     def __init__(self, upstream: Upstream, metrics: Metrics, concurrency: int) -> None:
         self._upstream = upstream
         self._metrics = metrics
-        self._session = _session(concurrency)
+        # Retries are ours, never urllib3's (its Retry skips POST).
+        self._adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0, pool_block=False)
+        self._proxies: dict[str, dict[str, str]] = {}
 
     def attempt(self, queued: QueuedMessage, credentials: Credentials | None, config: Config) -> Outcome:
         """Build, send and classify one request, with both timeouts set and TLS always verified."""
         request = self._upstream.build_request(queued, credentials, time.time())
+        prepared = requests.Request("POST", config.api_url + request.path, request.headers,
+                                    data=request.body).prepare()
         started = time.monotonic()
         try:
-            with self._session.post(
-                config.api_url + request.path, data=request.body, headers=request.headers,
-                timeout=(config.connect_timeout, config.read_timeout), allow_redirects=False, stream=True,
-                # Per request, not on the session: requests lets REQUESTS_CA_BUNDLE override Session.verify.
-                verify=str(config.ca_file) if config.ca_file else True,
+            with self._adapter.send(
+                prepared, stream=True, timeout=(config.connect_timeout, config.read_timeout),
+                verify=str(config.ca_file) if config.ca_file else True, proxies=self._proxies_for(config.api_url),
             ) as response:
                 body = _read_capped(response)
                 status, headers = response.status_code, response.headers
@@ -50,14 +58,11 @@ class Sender:
             self._metrics.request_duration.observe(time.monotonic() - started)
         return self._upstream.classify(queued.message, status, headers, body, time.time())
 
-
-def _session(concurrency: int) -> requests.Session:
-    """One keep-alive pool sized to the concurrency; retries are ours, never urllib3's (it skips POST)."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0, pool_block=False)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
+    def _proxies_for(self, api_url: str) -> dict[str, str]:
+        """``HTTPS_PROXY``/``NO_PROXY`` as requests reads them; the environment does not change under us."""
+        if api_url not in self._proxies:
+            self._proxies[api_url] = requests.utils.get_environ_proxies(api_url)
+        return self._proxies[api_url]
 
 
 def _read_capped(response: requests.Response) -> bytes:
