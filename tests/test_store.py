@@ -287,6 +287,21 @@ def test_stats_follow_puts_and_removals(outbox: Outbox, recorder: _Recorder, dat
     assert _disk_stats(data_dir) == outbox.stats
 
 
+def test_ids_of_removed_newest_messages_are_never_given_again_nor_after_a_reopen(data_dir: Path) -> None:
+    recorder = _Recorder()
+    with Outbox(data_dir, events=recorder) as outbox:
+        assert [_put(outbox, _message(n)) for n in range(1, 4)] == [1, 2, 3]
+        outbox.remove(3)
+        outbox.remove(2)
+        recorder.wait_for_ops(5)
+        assert _put(outbox, _message(4)) == 4
+        outbox.remove(4)
+        recorder.wait_for_ops(7)
+    with Outbox(data_dir) as reopened:
+        assert _put(reopened, _message(5)) == 5
+    assert _stored_ids(data_dir) == [1, 5]
+
+
 def test_stats_survive_a_reopen(data_dir: Path) -> None:
     with Outbox(data_dir) as outbox:
         assert _put(outbox, _message(1)) == 1

@@ -24,7 +24,7 @@ class Batch:
     """
 
     def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int, int], str | None],
-                 free_bytes: Callable[[], int]) -> None:
+                 free_bytes: Callable[[], int], next_id: int) -> None:
         self._conn = conn
         self.now = now
         self._room = room
@@ -36,7 +36,7 @@ class Batch:
         self.inserted = False
         self.dead_delta = 0
         self.dead_reasons: list[str] = []
-        self._next_id: int | None = None  # read under the write lock at the batch's first insert
+        self.next_id = next_id  # the id the next new message gets; the writer keeps it once committed
         self._rows: list[tuple[int, bytes, float]] = []
         self._keys: dict[str, int] = {}  # idempotency keys of the pending inserts
 
@@ -55,9 +55,7 @@ class Batch:
 
     def insert(self, data: bytes, key: str | None) -> int:
         """Add a new message to the batch's pending inserts and return its id (ids follow arrival order)."""
-        if self._next_id is None:
-            self._next_id = int(self._conn.execute(schema.NEXT_ID).fetchone()[0])
-        message_id, self._next_id = self._next_id, self._next_id + 1
+        message_id, self.next_id = self.next_id, self.next_id + 1
         self._rows.append((message_id, data, self.now))
         if key is not None:
             self._keys[key] = message_id

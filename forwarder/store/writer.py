@@ -85,6 +85,8 @@ class Writer:
         self._reserve = _Reserve(db_path.parent / RESERVE_FILE)
         self._reserve.take(self._free_bytes())  # best effort: nothing at start-up may need free space
         self.stats = self._read_stats()
+        # Ours to hand out: no other process writes the data dir (its lock), and a failed batch gives none away.
+        self._next_id: int = self._conn.execute(schema.NEXT_ID).fetchone()[0]
         self.commit_healthy = True  # False from a failed commit until the next successful one
         self._failures_log = RateLimitedLog(logger)
         self._prune_keys()  # keys of a daemon that was down for days go now, not at its next busy moment
@@ -154,7 +156,7 @@ class Writer:
 
     def _run_alone(self, op: Op) -> None:
         try:
-            op.apply(Batch(self._conn, time.time(), self._room, self._free_bytes))
+            op.apply(Batch(self._conn, time.time(), self._room, self._free_bytes, self._next_id))
         except sqlite3.Error as e:
             self._fail([op], e)
             return
@@ -162,7 +164,7 @@ class Writer:
 
     def _commit_transaction(self, ops: list[Op]) -> None:
         started = time.monotonic()
-        batch = Batch(self._conn, time.time(), self._room, self._free_bytes)
+        batch = Batch(self._conn, time.time(), self._room, self._free_bytes, self._next_id)
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, batch) for op in ops]
@@ -176,6 +178,7 @@ class Writer:
             return
         seconds = time.monotonic() - started
         self.commit_healthy = True
+        self._next_id = batch.next_id
         self._reclaim = self._reclaim or batch.removed
         self._refresh_stats(batch)
         for op, refusal in zip(ops, results, strict=True):
