@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +46,16 @@ def parse_frame(line: bytes) -> Request:
     """Parse one request line (without its newline) into a ``Message`` or ``Ping``."""
     try:
         # What json.loads(line, parse_constant=...) does, minus building a new decoder for every line.
-        obj = _DECODER.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = line.decode(json.detect_encoding(line), "surrogatepass")
+        obj = _DECODER.decode(text)
+    except InvalidMessage:
+        raise  # NaN, Infinity or a float overflow, refused by the decoder's hooks
+    except ValueError as e:  # bad UTF-8, bad JSON, or an integer past Python's digit limit
         raise InvalidMessage(f"not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidMessage(f"not valid JSON: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    if not text.isascii() or "\\u" in text:
+        _check_encodable(obj)
     if not isinstance(obj, dict):
         raise InvalidMessage(f"a request must be a JSON object, got {type(obj).__name__}")
     if "op" not in obj and _PRESIGNED_FIELDS & obj.keys():
@@ -73,7 +79,27 @@ def _refuse_constant(name: str) -> Any:
     raise InvalidMessage(f"not valid JSON: {name} is not a JSON number")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    """A number too large for a float (1e400) would be sent as Infinity, which is not JSON either."""
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidMessage(f"not valid JSON: {text[:40]} is too large for a number (it would be sent as Infinity)")
+    return value
+
+
+def _check_encodable(obj: Any) -> None:
+    """Refuse a lone UTF-16 surrogate (an escape like \\ud800, or raw bytes let through by surrogatepass).
+
+    It has no UTF-8 form: SQLite could not store it as an idempotency key and the API could not read it.
+    Only lines with non-ASCII text or \\u escapes pay for this check.
+    """
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage("not valid JSON: a string holds a lone UTF-16 surrogate (no UTF-8 form)") from None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _check_fields(obj: dict[str, Any], allowed: set[str] | frozenset[str], what: str) -> None:
