@@ -199,6 +199,18 @@ def test_failed_commit_refuses_every_put_of_its_batch_and_stores_none(
     assert outbox.commit_healthy is True
 
 
+def test_a_change_that_raises_fails_its_batch_and_the_writer_carries_on(
+        outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
+    # A key SQLite cannot encode (ingest refuses it; this goes around ingest) raises UnicodeEncodeError.
+    with _one_batch(outbox, recorder):
+        batch = [_submit(outbox, message) for message in (_message(3), _message(4, key="\ud800"))]
+    assert [type(future.result(WAIT)) for future in batch] == [StorageFailed] * 2
+    assert outbox.commit_healthy is False
+    assert _put(outbox, _message(5)) == 2  # 1 is the parked message
+    assert outbox.commit_healthy is True
+    assert _stored_ids(data_dir) == [1, 2]
+
+
 def _poisoned(n: int) -> Message:
     return Message(Kind.SET, {"email": f"user{n}@example.com", "attributes": {"marker": "poison"},
                               "properties": {}})

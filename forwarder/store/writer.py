@@ -126,6 +126,7 @@ class Writer:
                     return
                 self._maintain()
         except Exception:
+            self.commit_healthy = False  # nothing will commit any more: /readyz must say so
             logger.exception("Outbox writer crashed")
             raise
 
@@ -172,8 +173,10 @@ class Writer:
             if batch.messages or batch.bytes:
                 self._conn.execute(schema.ADD_STATS, (batch.messages, batch.bytes))
             self._conn.execute("COMMIT")
-        except sqlite3.Error as e:
+        except Exception as e:  # sqlite3.Error, or a bug in an op: it fails this batch, never the thread
             self._rollback()
+            if not isinstance(e, sqlite3.Error):
+                logger.exception("A change failed inside a commit batch; the batch was rolled back")
             self._fail(ops, e)
             return
         seconds = time.monotonic() - started
@@ -220,7 +223,7 @@ class Writer:
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("ROLLBACK")
 
-    def _fail(self, ops: list[Op], error: sqlite3.Error) -> None:
+    def _fail(self, ops: list[Op], error: Exception) -> None:
         kind = "disk_full" if getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" else "io"
         self.commit_healthy = False
         self._events.storage_error(kind)
