@@ -160,7 +160,9 @@ class _Connection(asyncio.Protocol):
     """One client: cuts its bytes into request lines and writes the replies back in request order.
 
     Our own line buffer rather than a stream's ``readuntil``: ``max_message_bytes`` is reloadable and must
-    refuse a long line before its newline ever arrives.
+    refuse a long line before its newline ever arrives. Lines are handled only while fewer than
+    ``_PIPELINE_DEPTH`` replies are owed and the peer takes what we write; the rest waits in the buffer,
+    with reading paused, so a client that never reads bounds what it costs (one read and the socket buffers).
     """
 
     def __init__(self, server: IngestServer, loop: asyncio.AbstractEventLoop) -> None:
@@ -170,7 +172,8 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._scanned = 0  # bytes at the start of the buffer known to hold no newline
         self._replies: collections.deque[Reply] = collections.deque()
-        self._open = True  # False once EOF, an oversize line, an idle timeout or shutdown ended the requests
+        self._open = True  # False once an oversize line, an idle timeout or shutdown ended the requests
+        self._eof = False  # the peer sent everything: handle the complete lines left, then close
         self._write_paused = False
         self._read_paused = False
         self._last_read = loop.time()
@@ -184,42 +187,65 @@ class _Connection(asyncio.Protocol):
         self._idle_timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        if not self._open:
-            return  # after an oversize line: the rest of the connection is not read
         self._last_read = self._loop.time()
-        self._buffer += data
-        try:
-            self._take_lines()
-        except Exception:
-            logger.exception("Connection handler failed")
-            self._server.metrics.internal_errors.inc()
-            self._open = False
-        self.flush()
-
-    def _take_lines(self) -> None:
-        buffer, limit, start = self._buffer, self._server.max_message_bytes, 0
-        while (end := buffer.find(b"\n", max(start, self._scanned))) >= 0:
-            if end - start > limit:
-                break
-            self._replies.append(self._server.handle(bytes(buffer[start:end]), self))
-            start = end + 1
-        del buffer[:start]
-        self._scanned = len(buffer)
-        if self._scanned > limit:
-            self._replies.append(self._server.refuse(MessageTooLarge(
-                f"request line exceeds max_message_bytes ({limit}); closing the connection")))
-            self._open = False
+        if self._open:  # after an oversize line, the rest of the connection is not read
+            self._buffer += data
+            self.flush()
 
     def eof_received(self) -> bool:
-        self._open = False  # a half line stores nothing; replies still owed are written, then we close
+        self._eof = True  # a half line stores nothing; the complete ones and their replies still go
         self.flush()
         return True  # keep the transport: the close happens in flush once every reply is out
 
     def flush(self) -> None:
-        """Write every reply that is ready and has none pending before it; close once nothing is owed."""
+        """Handle the lines there is room for, write the replies that are ready; close once nothing is owed."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        try:
+            while self._take_lines() | self._write_ready(transport):
+                pass
+        except Exception:
+            logger.exception("Connection handler failed")
+            self._server.metrics.internal_errors.inc()
+            self._open = False
+        if not self._open and not self._replies:
+            transport.close()
+        else:
+            self._steer_reading(transport)
+
+    def _has_room(self) -> bool:
+        return self._open and not self._write_paused and len(self._replies) < _PIPELINE_DEPTH
+
+    def _take_lines(self) -> bool:
+        """Hand the complete lines in the buffer to the server while there is room; True if any was."""
+        buffer, limit, start = self._buffer, self._server.max_message_bytes, 0
+        while self._has_room():
+            end = buffer.find(b"\n", max(start, self._scanned))
+            if end < 0:
+                if len(buffer) - start > limit:
+                    self._refuse_too_large(limit)
+                self._scanned = len(buffer) - start
+                break
+            if end - start > limit:
+                self._refuse_too_large(limit)
+                break
+            self._replies.append(self._server.handle(bytes(buffer[start:end]), self))
+            start = end + 1
+        else:
+            self._scanned = 0  # stopped for room, not for a missing newline
+        del buffer[:start]
+        if self._eof and self._open and b"\n" not in buffer:
+            self._open = False  # only a half line is left, and nothing more will come
+        return start > 0
+
+    def _refuse_too_large(self, limit: int) -> None:
+        self._replies.append(self._server.refuse(MessageTooLarge(
+            f"request line exceeds max_message_bytes ({limit}); closing the connection")))
+        self._open = False
+
+    def _write_ready(self, transport: asyncio.Transport) -> bool:
+        """Write every reply that is ready and has none pending before it, in one write; True if any."""
         replies, out = self._replies, []
         while replies:
             head = replies[0]
@@ -231,30 +257,33 @@ class _Connection(asyncio.Protocol):
             replies.popleft()
         if out:
             transport.write(b"".join(out))
-        if not self._open and not replies:
-            transport.close()
-        else:
-            self._steer_reading()
+        return bool(out)
 
-    def _steer_reading(self) -> None:
-        """Backpressure: stop reading while too many replies are owed or the peer does not take them."""
-        assert self._transport is not None
-        hold = not self._open or self._write_paused or len(self._replies) >= _PIPELINE_DEPTH
+    def _steer_reading(self, transport: asyncio.Transport) -> None:
+        """Backpressure: read only while lines can be handled; the buffer holds at most one read meanwhile."""
+        hold = not self._has_room() or self._eof
         if hold != self._read_paused:
             self._read_paused = hold
-            (self._transport.pause_reading if hold else self._transport.resume_reading)()
+            (transport.pause_reading if hold else transport.resume_reading)()
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> None:  # called from inside transport.write: flag only, no re-entrant flush
         self._write_paused = True
-        self._steer_reading()
+        if self._transport is not None:
+            self._steer_reading(self._transport)
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self.flush()
 
     def _check_idle(self) -> None:
-        """Drop a client that sent nothing for ``idle_timeout``, without a timer armed per read."""
-        remaining = self._last_read + self._server.idle_timeout - self._loop.time()
+        """Drop a client that sent nothing for ``idle_timeout``, without a timer armed per read.
+
+        Time with reading paused by our own backpressure does not count: that client is waiting on us.
+        """
+        now = self._loop.time()
+        if self._read_paused and not self._eof:
+            self._last_read = now
+        remaining = self._last_read + self._server.idle_timeout - now
         if remaining > 0:
             self._idle_timer = self._loop.call_later(remaining, self._check_idle)
             return
@@ -262,7 +291,7 @@ class _Connection(asyncio.Protocol):
         self.finish()
 
     def finish(self) -> asyncio.Future[None]:
-        """Read no more; close once the replies still owed are written. Resolves when the connection is gone."""
+        """Handle no more lines; close once the replies still owed are written. Resolves when gone."""
         self._open = False
         self.flush()
         return self._closed

@@ -13,12 +13,16 @@ import select
 import socket
 import sqlite3
 import stat
+import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.client import Client
 from forwarder.ingest import IngestServer, SocketOptions
@@ -118,12 +122,13 @@ def test_every_bad_input_gets_its_code_and_a_precise_detail_and_the_daemon_carri
     with Line(daemon.socket) as conn:
         replies = {frame.name: conn.ask(frame.line) for frame in frames}
         assert conn.ask(b'{"op":"ping"}') == {"ok": True}
+        assert conn.ask(_set_line()) == {"ok": True, "id": "1"}  # the writer too is unharmed
     assert {name: (reply["ok"], reply["error"]) for name, reply in replies.items()} == {
         frame.name: (False, frame.code) for frame in frames}
     assert {frame.name: replies[frame.name]["detail"] for frame in frames
             if frame.detail not in replies[frame.name]["detail"]} == {}
     status = daemon.status()
-    assert (status["backlog"], status["dead_letters"]) == (0, 0)
+    assert (status["backlog"], status["dead_letters"]) == (1, 0)
 
 
 def test_every_valid_input_is_acked_and_stored(daemon: DaemonProcess) -> None:
@@ -288,6 +293,57 @@ def test_idle_clients_are_dropped_after_the_idle_timeout(make_daemon: Callable[.
     assert daemon.status()["backlog"] == 0
     with Client(str(daemon.socket)) as client:
         assert client.set("alice@example.com", {"plan": "pro"}) == "1"
+
+
+def test_a_client_that_never_reads_its_replies_gets_only_a_pipeline_of_them_handled(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    # Every line is a cheap refusal, so one read of the socket holds ~130,000 of them: the daemon must stop
+    # handling lines at its pipeline depth, not handle a whole read before it looks at what it owes.
+    daemon = make_daemon(*NO_API).start()
+    sock, _ = _send_until_the_daemon_stops_reading(daemon.socket, b"\xff\n" * (4 << 20))
+    with Line(daemon.socket) as other:
+        assert other.ask(_set_line()) == {"ok": True, "id": "1"}
+    with urllib.request.urlopen(daemon.metrics_url + "/metrics", timeout=WAIT) as response:
+        refused = next(sample.value for family in text_string_to_metric_families(response.read().decode())
+                       for sample in family.samples if sample.name == "forwarder_ingest_refused_messages_total"
+                       and sample.labels == {"reason": "invalid"})
+    sock.close()
+    assert 1024 <= refused < 50_000  # the pipeline, plus the replies the socket buffers hold
+
+
+def test_a_client_held_back_by_backpressure_is_not_dropped_as_idle(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon(*NO_API, "--idle-timeout", "1s").start()
+    pings = b'{"op":"ping"}\n' * 200_000
+    sock, sent = _send_until_the_daemon_stops_reading(daemon.socket, pings)
+    with sock:
+        time.sleep(2.5)  # longer than the idle timeout: waiting for something that must not happen
+        replies = bytearray()
+        reader = threading.Thread(target=lambda: replies.extend(sock.makefile("rb").read()))
+        reader.start()
+        sock.setblocking(True)
+        sock.sendall(pings[sent:])
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(WAIT)
+    assert replies == b'{"ok": true}\n' * 200_000
+
+
+def _send_until_the_daemon_stops_reading(path: Path, data: bytes) -> tuple[socket.socket, int]:
+    """Write ``data`` without reading replies until the socket stays unwritable for a second.
+
+    Returns the socket and how many bytes were written (all of them if it never stalled).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.setblocking(False)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            if not select.select([], [sock], [], 1.0)[1]:
+                break
+    return sock, sent
 
 
 def test_sigterm_with_clients_connected_stops_cleanly(daemon: DaemonProcess) -> None:
