@@ -33,7 +33,11 @@ _NOT_SETTINGS = frozenset({"run", "command", "action", "id", "all", "json", "lim
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "fake-api":
+        args.fake_args = rest  # its own parser reads them (REMAINDER would refuse any leading option)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     environ = dict(os.environ) if environ is None else environ
     try:
         result: int = args.run(args, environ)
@@ -78,7 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     fake = commands.add_parser("fake-api", help="run a local Turret.IO-compatible HTTPS server",
                                add_help=False)
-    fake.add_argument("fake_args", nargs=argparse.REMAINDER)
     fake.set_defaults(run=_fake_api)
     return parser
 

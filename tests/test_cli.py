@@ -156,3 +156,20 @@ def test_health_fails_with_the_reason_when_the_daemon_is_down(daemon: DaemonProc
     result = daemon.cli("health")
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith(f"unhealthy: cannot connect to the forwarder at {daemon.socket}")
+
+
+def test_fake_api_takes_its_own_options_and_help(tmp_path: Path) -> None:
+    result = _run("fake-api", "--help")
+    assert result.returncode == 0 and "--port" in result.stdout and "--control" in result.stdout
+    with subprocess.Popen([sys.executable, "-m", "forwarder", "fake-api", "--port", "0", "--control",
+                           "127.0.0.1:0", "--cert-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True) as api:
+        assert api.stdout is not None
+        first = api.stdout.readline()
+        api.terminate()
+    assert first.startswith("Fake Turret.IO API on https://127.0.0.1:") and str(tmp_path / "ca.pem") in first
+
+
+def test_an_unknown_option_is_refused_naming_it() -> None:
+    result = _run("status", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "turret-forwarder: error: unrecognized arguments: --bogus"
