@@ -97,14 +97,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the measured window")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backlog", type=int, default=20000, help="messages in the backlog at each start")
-    parser.add_argument("--keep-nagle", action="store_true",
-                        help="leave Nagle's algorithm on in the local API as it ships (~40 ms a request)")
     args = parser.parse_args()
 
     rows = []
-    with workdir("drain", args.work_dir) as work, FakeApi(work, nodelay=not args.keep_nagle) as api:
-        print(f"{machine()}\nData dir on: {filesystem_of(work)}\n"
-              f"Local API: Nagle's algorithm {'on (as shipped)' if args.keep_nagle else 'off (TCP_NODELAY)'}")
+    with workdir("drain", args.work_dir) as work, FakeApi(work) as api:
+        print(f"{machine()}\nData dir on: {filesystem_of(work)}")
         with Daemon(work / "template") as builder:
             fill(builder.socket, args.backlog)
         template = work / "template" / "data"

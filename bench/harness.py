@@ -260,15 +260,9 @@ def fill(socket_path: Path, count: int, padding: int = 0, window: int = 512, fir
 
 
 class FakeApi:
-    """``forwarder fake-api`` in its own process, steered through its control server.
+    """``forwarder fake-api`` in its own process, steered through its control server."""
 
-    ``nodelay`` turns Nagle's algorithm off on its connections: as shipped, the fake writes the headers and
-    the body of a response in two sends, so the body waits for the client's delayed ACK (about 40 ms a
-    request on Linux), which no real API server adds and which would swamp what the drain figures are for.
-    """
-
-    def __init__(self, work: Path, nodelay: bool = True) -> None:
-        self.nodelay = nodelay
+    def __init__(self, work: Path) -> None:
         self.cert_dir = work / "certs"
         self.cert_dir.mkdir(parents=True, exist_ok=True)
         self.log = work / "fake-api.log"
@@ -276,10 +270,7 @@ class FakeApi:
         self.url = self.control = self.ca_file = ""
 
     def __enter__(self) -> FakeApi:
-        # fakeapi.main directly: `turret-forwarder fake-api --port 0` is refused by argparse (REMAINDER).
-        launch = (f"import socketserver, sys; socketserver.StreamRequestHandler.disable_nagle_algorithm = "
-                  f"{self.nodelay}; from forwarder import fakeapi; sys.exit(fakeapi.main(sys.argv[1:]))")
-        command = [PYTHON, "-c", launch, "--port", "0", "--control", "127.0.0.1:0",
+        command = [PYTHON, "-m", "forwarder", "fake-api", "--port", "0", "--control", "127.0.0.1:0",
                    "--cert-dir", str(self.cert_dir)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TURRET_")}
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, cwd=self.cert_dir,
