@@ -170,7 +170,7 @@ def _status(args: argparse.Namespace, environ: dict[str, str]) -> int:
         "backlog": stats.messages, "bytes": stats.bytes, "dead_letters": stats.dead_letters,
         "oldest_age_seconds": round(max(0.0, time.time() - oldest), 3) if oldest is not None else 0.0,
         "daemon": "stopped", "delivery_state": None, "credentials": None}
-    report.update(_daemon_status(config.socket))
+    report.update(_daemon_status(config.socket) or _daemon_status(config.admin_socket))
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:

@@ -167,6 +167,8 @@ class Daemon:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise InvalidMessage("an admin request is a JSON object")
+            if request.get("op") == "status":  # `status --data-dir D` finds us here whatever --socket was
+                return encode_ok(**self.status())
             count = await self._admin(request)
         except json.JSONDecodeError as e:
             return encode_refusal(InvalidMessage(f"not valid JSON: {e}"))

@@ -120,6 +120,13 @@ def test_status_of_a_running_daemon(daemon: DaemonProcess) -> None:
     assert status["oldest_age_seconds"] >= 0
 
 
+def test_status_with_only_the_data_dir_finds_a_daemon_whose_socket_is_elsewhere(daemon: DaemonProcess) -> None:
+    result = _run("status", "--json", "--data-dir", str(daemon.data_dir), env=daemon.environment())
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert (status["daemon"], status["delivery_state"], status["credentials"]) == ("running", "running", "present")
+
+
 def test_status_of_a_stopped_daemon_reads_the_outbox(daemon: DaemonProcess) -> None:
     assert daemon.cli("send", "--email", "alice@example.com", "--attr", "plan=pro").returncode == 0
     running = daemon.status()
