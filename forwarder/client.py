@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from forwarder.errors import ForwarderError, MessageTooLarge, refusal_for_code
+from forwarder.errors import ForwarderError, InvalidMessage, MessageTooLarge, refusal_for_code
 
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 1.0
@@ -54,7 +54,10 @@ class Client:
 
     def send_presigned(self, payload: str | Mapping[str, str], key: str | None = None) -> str:
         """Queue the JSON text (or dict) the vendor's ``User.queue_set`` returned; replayed verbatim."""
-        request = dict(json.loads(payload) if isinstance(payload, str) else payload)
+        try:
+            request = dict(json.loads(payload) if isinstance(payload, str) else payload)
+        except (ValueError, TypeError) as e:
+            raise InvalidMessage(f"queue_set payload is not a JSON object: {e}") from None
         return self._send_message(request, key)
 
     def ping(self) -> None:

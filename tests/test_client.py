@@ -36,6 +36,13 @@ def test_every_call_returns_the_id_of_the_stored_message(client: Client, daemon:
     assert stored_ids(daemon.data_dir) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("payload", ["not json", "[1, 2]"])
+def test_a_presigned_payload_that_is_not_a_json_object_raises_invalid_message(client: Client, payload: str) -> None:
+    with pytest.raises(InvalidMessage, match="queue_set payload is not a JSON object"):
+        client.send_presigned(payload)
+    client.ping()
+
+
 def test_request_returns_the_whole_reply(client: Client) -> None:
     status = client.request({"op": "status"})
     assert (status["ok"], status["backlog"], status["dead_letters"]) == (True, 0, 0)
