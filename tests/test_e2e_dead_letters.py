@@ -58,6 +58,9 @@ def test_a_rejected_message_is_dead_lettered_and_the_other_users_flow_on(
     report = daemon.wait_for_status(lambda s: s["backlog"] == 0)
     assert report["dead_letters"] == 1
     assert not any(r["msg"].startswith("Upstream failing") for r in daemon.log_records())
+    assert [(r["level"], r.get("id"), r.get("reason"), r.get("status")) for r in daemon.log_records()
+            if r["msg"].startswith("Message moved to the dead letters")] == [
+        ("warning", int(a1), f"http {status}", status)]
 
     shown = _dead_show(daemon, a1, "--show-emails")
     assert (shown["id"], shown["reason"], shown["status"], shown["attempts"]) == (int(a1), f"http {status}",

@@ -22,6 +22,7 @@ from forwarder.backoff import Backoff
 from forwarder.config import Config
 from forwarder.delivery.gate import EndpointGate
 from forwarder.delivery.sender import Sender
+from forwarder.logs import RateLimitedLog
 from forwarder.message import QueuedMessage
 from forwarder.metrics import Metrics
 from forwarder.store import Outbox
@@ -92,6 +93,7 @@ class Flusher:
         self._next_auth_probe = 0.0
         self._next_no_credentials_warning = 0.0  # monotonic
         self._stop_deadline = 0.0
+        self._dead_log = RateLimitedLog(logger)
         self._sender = Sender(upstream, metrics, config.concurrency)
         self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
         # Daemon threads: a request hanging at shutdown is abandoned (its message stays queued), never waited on.
@@ -254,7 +256,18 @@ class Flusher:
         return time.time() - queued.enqueued_at > self._config.max_age
 
     def _expire(self, lane: _Lane) -> None:
-        self.outbox.dead_letter(lane.messages[0].id, "expired", counts_attempt=False)
+        self._dead_letter(lane, "expired", counts_attempt=False)
+
+    def _dead_letter(self, lane: _Lane, reason: str, status: int | None = None, response: bytes = b"",
+                     counts_attempt: bool = True) -> None:
+        """Move the lane's head to the dead letters and go on with its next message.
+
+        Logged, but with a count per reason at most once a minute: a bad deploy can reject thousands.
+        """
+        message_id = lane.messages[0].id
+        self._dead_log.warn(f"dead:{reason}", "Message moved to the dead letters; see `dead list`",
+                            {"id": message_id, "reason": reason, "status": status})
+        self.outbox.dead_letter(message_id, reason, status, response, counts_attempt)
         self._advance(lane)
 
     def _send(self, lane: _Lane, queued: QueuedMessage, probe: bool) -> None:
@@ -339,8 +352,7 @@ class Flusher:
             self._on_delivered(job)
         elif isinstance(outcome, Dead):
             self._gate.answered(job.probe)
-            self.outbox.dead_letter(job.queued.id, outcome.reason, outcome.status, outcome.body)
-            self._advance(job.lane)
+            self._dead_letter(job.lane, outcome.reason, outcome.status, outcome.body)
         elif isinstance(outcome, PauseAuth):
             self._on_auth_refused(job, outcome)
         else:
@@ -380,8 +392,7 @@ class Flusher:
             return
         lane.failures += 1
         if config.max_attempts and queued.attempts + lane.failures >= config.max_attempts:
-            self.outbox.dead_letter(queued.id, "max_attempts", response=outcome.reason.encode())
-            self._advance(lane)
+            self._dead_letter(lane, "max_attempts", response=outcome.reason.encode())
             return
         delay = max(outcome.after or 0.0, backoff.delay(lane.failures, self._rng))
         self.outbox.record_attempt(queued.id, outcome.reason, time.time() + delay)
