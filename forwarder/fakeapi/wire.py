@@ -100,6 +100,7 @@ def generate_certificate(directory: Path) -> tuple[str, str]:
         raise ForwarderError(
             "fake-api needs a certificate: pass --cert and --key, or install turret-forwarder[demo]"
         ) from None
+    directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
     ca_file, server_file = directory / "ca.pem", directory / "server.pem"
     ca.cert_pem.write_to_path(str(ca_file))
