@@ -1,6 +1,6 @@
 """Deliver: the flusher replays the outbox to the upstream over HTTPS, in per-user order, many users at once.
 
-``flusher`` schedules (lanes, endpoint gate, credential pause, outcomes); ``sender`` sends one request.
+``flusher`` schedules (endpoint gate, credential pause, outcomes) over ``lanes``; ``sender`` sends one request.
 """
 
 from forwarder.delivery.flusher import Flusher

@@ -8,7 +8,6 @@ state belongs to the flusher thread; worker threads only call the ``Sender`` and
 from __future__ import annotations
 
 import collections
-import enum
 import heapq
 import itertools
 import logging
@@ -16,53 +15,20 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 
 from forwarder.backoff import Backoff
 from forwarder.config import Config
 from forwarder.delivery.gate import EndpointGate
+from forwarder.delivery.lanes import Done, Job, Lane, Signal
 from forwarder.delivery.sender import Sender
 from forwarder.logs import RateLimitedLog
 from forwarder.message import QueuedMessage
 from forwarder.metrics import Metrics
 from forwarder.store import Outbox
-from forwarder.turretio import Credentials, Dead, Delivered, Outcome, PauseAuth, Result, Retry, Upstream
+from forwarder.turretio import Credentials, Dead, Delivered, PauseAuth, Result, Retry, Upstream
 
 logger = logging.getLogger(__name__)
 _NO_CREDENTIALS_LOG_EVERY = 300.0  # seconds between the repeated "no credentials" warnings
-
-
-@dataclass(eq=False)
-class _Lane:
-    """One ordering key's messages, in id order; only the head is ever in flight."""
-
-    key: str
-    messages: collections.deque[QueuedMessage] = field(default_factory=collections.deque)
-    failures: int = 0  # consecutive message-level failures of the head, for its backoff
-    busy: bool = False  # head in flight, delayed, or parked: not in the ready queue
-    in_flight: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    lane: _Lane
-    queued: QueuedMessage
-    credentials: Credentials | None
-    probe: bool  # sent while the endpoint gate or the credentials pause allows one request at a time
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    job: _Job
-    outcome: Outcome
-
-
-class _Signal(enum.Enum):
-    WAKE = "wake"  # new messages were committed
-    CREDENTIALS = "credentials"  # credentials were reloaded
-    FLUSH = "flush"  # operator: retry everything now, re-read the outbox from the start
-    RESYNC = "resync"  # operator changed the outbox (hold, release, purge, dead retry): re-read it
-    STOP = "stop"
 
 
 class Flusher:
@@ -77,12 +43,12 @@ class Flusher:
         self._config = config
         self._credentials = credentials
         self._rng = rng or random.Random()
-        self._events: queue.SimpleQueue[_Done | _Signal] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lanes: dict[str, _Lane] = {}
-        self._ready: collections.deque[_Lane] = collections.deque()
-        self._delayed: list[tuple[float, int, _Lane]] = []
-        self._parked: list[_Lane] = []  # heads that need credentials we lack, or that the API refused
+        self._events: queue.SimpleQueue[Done | Signal] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._lanes: dict[str, Lane] = {}
+        self._ready: collections.deque[Lane] = collections.deque()
+        self._delayed: list[tuple[float, int, Lane]] = []
+        self._parked: list[Lane] = []  # heads that need credentials we lack, or that the API refused
         self._seq = itertools.count()
         self._loaded: set[int] = set()
         self._cursor = 0
@@ -99,7 +65,7 @@ class Flusher:
         # Daemon threads: a request hanging at shutdown is abandoned (its message stays queued), never waited on.
         self._workers = [threading.Thread(target=self._work, name=f"send-{i}", daemon=True)
                          for i in range(config.concurrency)]
-        outbox.on_commit(lambda: self._events.put(_Signal.WAKE))
+        outbox.on_commit(lambda: self._events.put(Signal.WAKE))
 
     def start(self) -> None:
         for worker in self._workers:
@@ -109,7 +75,7 @@ class Flusher:
     def stop(self, timeout: float) -> None:
         """Stop sending; in-flight requests get ``timeout`` to finish, then are abandoned (kept queued)."""
         self._stop_deadline = time.monotonic() + timeout
-        self._events.put(_Signal.STOP)
+        self._events.put(Signal.STOP)
         self._thread.join(timeout + 1.0)
         for _ in self._workers:
             self._jobs.put(None)
@@ -119,15 +85,15 @@ class Flusher:
         changed = credentials != self._credentials
         self._config, self._credentials = config, credentials
         if changed:
-            self._events.put(_Signal.CREDENTIALS)
+            self._events.put(Signal.CREDENTIALS)
 
     def flush(self) -> None:
         """Retry everything now: forget every backoff and re-read the outbox."""
-        self._events.put(_Signal.FLUSH)
+        self._events.put(Signal.FLUSH)
 
     def resync(self) -> None:
         """The outbox was changed by an operator: re-read the window so holds and retries apply."""
-        self._events.put(_Signal.RESYNC)
+        self._events.put(Signal.RESYNC)
 
     @property
     def state(self) -> str:
@@ -173,19 +139,19 @@ class Flusher:
             except queue.Empty:
                 return False
 
-    def _handle(self, event: _Done | _Signal) -> bool:
-        if isinstance(event, _Done):
+    def _handle(self, event: Done | Signal) -> bool:
+        if isinstance(event, Done):
             self._on_done(event)
-        elif event is _Signal.WAKE:
+        elif event is Signal.WAKE:
             self._more = True
-        elif event is _Signal.CREDENTIALS:
+        elif event is Signal.CREDENTIALS:
             self._next_no_credentials_warning = 0.0  # should they go missing again, say so at once
             self._resume_credentials("credentials reloaded")
-        elif event is _Signal.FLUSH:
+        elif event is Signal.FLUSH:
             self._flush_now()
-        elif event is _Signal.RESYNC:
+        elif event is Signal.RESYNC:
             self._resync()
-        return event is _Signal.STOP
+        return event is Signal.STOP
 
     def _finish_in_flight(self) -> None:
         while self._in_flight:
@@ -198,7 +164,7 @@ class Flusher:
                 event = self._events.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if isinstance(event, _Done):
+            if isinstance(event, Done):
                 self._on_done(event)
 
     def _next_timer(self, now: float) -> float:
@@ -231,7 +197,7 @@ class Flusher:
         key = self.upstream.ordering_key(queued.message)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(key)
+            lane = self._lanes[key] = Lane(key)
         lane.messages.append(queued)
         if len(lane.messages) == 1 and not lane.busy:
             self._ready.append(lane)
@@ -255,10 +221,10 @@ class Flusher:
     def _expired(self, queued: QueuedMessage) -> bool:
         return time.time() - queued.enqueued_at > self._config.max_age
 
-    def _expire(self, lane: _Lane) -> None:
+    def _expire(self, lane: Lane) -> None:
         self._dead_letter(lane, "expired", counts_attempt=False)
 
-    def _dead_letter(self, lane: _Lane, reason: str, status: int | None = None, response: bytes = b"",
+    def _dead_letter(self, lane: Lane, reason: str, status: int | None = None, response: bytes = b"",
                      counts_attempt: bool = True) -> None:
         """Move the lane's head to the dead letters and go on with its next message.
 
@@ -270,13 +236,13 @@ class Flusher:
         self.outbox.dead_letter(message_id, reason, status, response, counts_attempt)
         self._advance(lane)
 
-    def _send(self, lane: _Lane, queued: QueuedMessage, probe: bool) -> None:
+    def _send(self, lane: Lane, queued: QueuedMessage, probe: bool) -> None:
         lane.busy = lane.in_flight = True
         self._gate.probing = self._gate.probing or probe
         self._in_flight += 1
-        self._jobs.put(_Job(lane, queued, self._credentials, probe))
+        self._jobs.put(Job(lane, queued, self._credentials, probe))
 
-    def _park(self, lane: _Lane) -> None:
+    def _park(self, lane: Lane) -> None:
         lane.busy = True
         self._parked.append(lane)
 
@@ -326,7 +292,7 @@ class Flusher:
         self._parked.clear()
         self._cursor, self._more = 0, True
 
-    def _advance(self, lane: _Lane) -> None:
+    def _advance(self, lane: Lane) -> None:
         """The head is done (delivered or dead-lettered): the lane's next message may go."""
         head = lane.messages.popleft()
         self._loaded.discard(head.id)
@@ -336,12 +302,12 @@ class Flusher:
         else:
             del self._lanes[lane.key]
 
-    def _delay(self, lane: _Lane, seconds: float) -> None:
+    def _delay(self, lane: Lane, seconds: float) -> None:
         heapq.heappush(self._delayed, (time.monotonic() + seconds, next(self._seq), lane))
 
     # -- outcomes ------------------------------------------------------------------------------------
 
-    def _on_done(self, done: _Done) -> None:
+    def _on_done(self, done: Done) -> None:
         self._in_flight -= 1
         job, outcome = done.job, done.outcome
         job.lane.in_flight = False
@@ -358,7 +324,7 @@ class Flusher:
         else:
             self._on_retry(job, outcome)
 
-    def _on_delivered(self, job: _Job) -> None:
+    def _on_delivered(self, job: Job) -> None:
         self.outbox.remove(job.queued.id)
         self.last_delivery_at = time.time()
         self.metrics.delivered.inc()
@@ -368,7 +334,7 @@ class Flusher:
             self._resume_credentials("the API accepted the credentials again")
         self._advance(job.lane)
 
-    def _on_auth_refused(self, job: _Job, outcome: PauseAuth) -> None:
+    def _on_auth_refused(self, job: Job, outcome: PauseAuth) -> None:
         if job.credentials != self._credentials:  # refused with credentials that were replaced meanwhile
             job.lane.busy = False
             self._ready.append(job.lane)
@@ -380,7 +346,7 @@ class Flusher:
         self._next_auth_probe = time.monotonic() + self._config.auth_probe_interval
         self._park(job.lane)
 
-    def _on_retry(self, job: _Job, outcome: Retry) -> None:
+    def _on_retry(self, job: Job, outcome: Retry) -> None:
         lane, queued = job.lane, job.queued
         config = self._config
         backoff = Backoff(config.backoff_base, config.backoff_cap)
@@ -408,4 +374,4 @@ class Flusher:
                 logger.exception("Delivery attempt failed unexpectedly")
                 self.metrics.internal_errors.inc()
                 outcome = Retry(Result.CONNECT, "internal error", endpoint=True)
-            self._events.put(_Done(job, outcome))
+            self._events.put(Done(job, outcome))
