@@ -55,7 +55,7 @@ class IngestServer:
         self.status = status
         self.options = options
         self.metrics = metrics
-        self.max_message_bytes = max_message_bytes  # reloadable: read per received chunk
+        self.max_message_bytes = max_message_bytes  # reloadable: read each time lines are taken
         self.idle_timeout = idle_timeout  # reloadable: read each time a connection's idle timer fires
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

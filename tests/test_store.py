@@ -20,8 +20,9 @@ import pytest
 
 from forwarder.errors import AlreadyRunning, OutboxFull, Refused, StorageFailed
 from forwarder.message import Kind, Message
-from forwarder.store import Limits, Outbox, Stats, open_readonly, read_ids, read_stats, schema
+from forwarder.store import Limits, Outbox, Stats, open_readonly, read_stats, schema
 from forwarder.store.writer import KEY_RETENTION
+from tests.test_ingest import stored_ids
 
 WAIT = 20.0  # seconds; only a bound on a wait for an event, never a measurement
 
@@ -94,14 +95,6 @@ def _size(message: Message) -> int:
     return len(schema.encode_record(message.to_record()))
 
 
-def _stored_ids(data_dir: Path) -> list[int]:
-    conn = open_readonly(data_dir)
-    try:
-        return read_ids(conn)
-    finally:
-        conn.close()
-
-
 def _disk_stats(data_dir: Path) -> Stats:
     conn = open_readonly(data_dir)
     try:
@@ -138,7 +131,7 @@ def test_put_returns_the_id_after_the_commit_and_the_message_reads_back(outbox: 
                                                                           data_dir: Path) -> None:
     assert _put(outbox, _message(1)) == 1
     assert _put(outbox, _message(2)) == 2
-    assert _stored_ids(data_dir) == [1, 2]
+    assert stored_ids(data_dir) == [1, 2]
     window = outbox.read_window(0, 10)
     assert [(q.id, q.message, q.attempts, q.size) for q in window.messages] == [
         (1, Message(Kind.SET, _message(1).body), 0, _size(_message(1))),
@@ -193,7 +186,7 @@ def test_failed_commit_refuses_every_put_of_its_batch_and_stores_none(
     assert all(str(refusal) == "storage error: injected failure" for refusal in refusals)
     assert recorder.storage_errors == ["io"]
     assert outbox.commit_healthy is False
-    assert _stored_ids(data_dir) == [1, 2]  # 2 is the parked message, committed before the failed batch
+    assert stored_ids(data_dir) == [1, 2]  # 2 is the parked message, committed before the failed batch
     assert outbox.stats.messages == _disk_stats(data_dir).messages == 2
     assert _put(outbox, _message(6)) == 3
     assert outbox.commit_healthy is True
@@ -208,7 +201,7 @@ def test_a_change_that_raises_fails_its_batch_and_the_writer_carries_on(
     assert outbox.commit_healthy is False
     assert _put(outbox, _message(5)) == 2  # 1 is the parked message
     assert outbox.commit_healthy is True
-    assert _stored_ids(data_dir) == [1, 2]
+    assert stored_ids(data_dir) == [1, 2]
 
 
 def _poisoned(n: int) -> Message:
@@ -238,7 +231,7 @@ def test_full_outbox_refuses_new_messages_and_keeps_what_is_stored(data_dir: Pat
         refusal = _put(outbox, _message(3))
         assert isinstance(refusal, OutboxFull)
         assert str(refusal) == "backlog is at its limit of 2 messages"
-        assert _stored_ids(data_dir) == [1, 2]
+        assert stored_ids(data_dir) == [1, 2]
         assert outbox.stats.messages == 2
         outbox.limits = Limits(max_messages=3)  # reloadable: read once per batch
         assert _put(outbox, _message(3)) == 3
@@ -252,7 +245,7 @@ def test_limit_is_counted_within_one_batch(data_dir: Path, recorder: _Recorder) 
         assert results[:2] == [2, 3]
         assert [type(result) for result in results[2:]] == [OutboxFull, OutboxFull]
         assert recorder.commits == [1, 4]  # the refusals did not fail the batch
-        assert _stored_ids(data_dir) == [1, 2, 3]
+        assert stored_ids(data_dir) == [1, 2, 3]
 
 
 def test_byte_limit_refuses_the_message_that_would_cross_it(data_dir: Path) -> None:
@@ -271,7 +264,7 @@ def test_free_disk_floor_refuses_new_messages(data_dir: Path) -> None:
         refusal = _put(outbox, _message(1))
         assert isinstance(refusal, OutboxFull)
         assert str(refusal) == f"free disk space on the data volume is below {1 << 62} bytes"
-        assert _stored_ids(data_dir) == []
+        assert stored_ids(data_dir) == []
 
 
 def test_stats_follow_puts_and_removals(outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
@@ -311,7 +304,7 @@ def test_ids_of_removed_newest_messages_are_never_given_again_nor_after_a_reopen
         recorder.wait_for_ops(7)
     with Outbox(data_dir) as reopened:
         assert _put(reopened, _message(5)) == 5
-    assert _stored_ids(data_dir) == [1, 5]
+    assert stored_ids(data_dir) == [1, 5]
 
 
 def test_stats_survive_a_reopen(data_dir: Path) -> None:
@@ -339,7 +332,7 @@ def test_corrupt_row_is_dead_lettered_and_the_rows_around_it_are_delivered(
     assert outbox.stats == Stats(2, _size(_message(1)) + _size(_message(3)),
                                  window.messages[0].enqueued_at, 1)
     assert _disk_stats(data_dir) == outbox.stats
-    assert _stored_ids(data_dir) == [1, 3]
+    assert stored_ids(data_dir) == [1, 3]
     dead = _execute(data_dir, "SELECT message_id, data, reason, attempts FROM dead_letters")
     assert dead == [(2, corrupt.ljust(size), "corrupt", 0)]
 
@@ -348,7 +341,7 @@ def test_same_idempotency_key_stores_one_message(outbox: Outbox, data_dir: Path)
     assert _put(outbox, _message(1, key="signup-1")) == 1
     assert _put(outbox, _message(2, key="signup-1")) == 1
     assert _put(outbox, _message(3, key="signup-2")) == 2
-    assert _stored_ids(data_dir) == [1, 2]
+    assert stored_ids(data_dir) == [1, 2]
     assert outbox.stats.messages == 2
 
 
@@ -359,7 +352,7 @@ def test_same_idempotency_key_twice_in_one_batch_stores_one_message(
                  for message in (_message(1, key="k"), _message(2, key="k"), _message(3))]
     assert [future.result(WAIT) for future in batch] == [2, 2, 3]
     assert recorder.commits == [1, 3]
-    assert _stored_ids(data_dir) == [1, 2, 3]
+    assert stored_ids(data_dir) == [1, 2, 3]
 
 
 def test_idempotency_key_is_remembered_across_a_reopen(data_dir: Path) -> None:
@@ -367,7 +360,7 @@ def test_idempotency_key_is_remembered_across_a_reopen(data_dir: Path) -> None:
         assert _put(outbox, _message(1, key="k")) == 1
     with Outbox(data_dir) as reopened:
         assert _put(reopened, _message(1, key="k")) == 1
-        assert _stored_ids(data_dir) == [1]
+        assert stored_ids(data_dir) == [1]
 
 
 def test_idempotency_keys_older_than_the_retention_are_forgotten_and_younger_ones_kept(data_dir: Path) -> None:
@@ -381,7 +374,7 @@ def test_idempotency_keys_older_than_the_retention_are_forgotten_and_younger_one
     with Outbox(data_dir) as reopened:
         assert _put(reopened, _message(3, key="old")) == 3  # a new message: the key was forgotten
         assert _put(reopened, _message(4, key="young")) == 2
-    assert _stored_ids(data_dir) == [1, 2, 3]
+    assert stored_ids(data_dir) == [1, 2, 3]
 
 
 def test_second_outbox_on_the_same_data_dir_is_refused_naming_the_holder(outbox: Outbox,
@@ -403,7 +396,7 @@ def test_close_commits_every_put_submitted_before_it(data_dir: Path) -> None:
     futures = [_submit(outbox, _message(n)) for n in range(500)]
     outbox.close()
     assert [future.result(0) for future in futures] == list(range(1, 501))
-    assert _stored_ids(data_dir) == list(range(1, 501))
+    assert stored_ids(data_dir) == list(range(1, 501))
 
 
 def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox,
