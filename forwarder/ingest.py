@@ -29,7 +29,7 @@ from typing import Any
 from forwarder.errors import AlreadyRunning, ForwarderError, MessageTooLarge, Refused, ShuttingDown
 from forwarder.metrics import OPS, REFUSAL_REASONS, Metrics
 from forwarder.protocol import Ping, StatusRequest, encode_ok, encode_refusal, parse_frame
-from forwarder.store import Outbox
+from forwarder.store import Outbox, call_soon_any_thread
 
 logger = logging.getLogger(__name__)
 _PIPELINE_DEPTH = 1024  # unanswered requests per connection before we stop reading it (backpressure)
@@ -121,7 +121,7 @@ class IngestServer:
         assert self._loop is not None
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._in_flight.add(future)
-        self.outbox.put(request, lambda result: self._settle_threadsafe(connection, future, result, received))
+        self.outbox.put(request, lambda result: self._settle(connection, future, result, received))
         return future
 
     def refuse(self, refusal: Refused) -> bytes:
@@ -129,9 +129,9 @@ class IngestServer:
         self._refused[refusal.code].inc()
         return encode_refusal(refusal)
 
-    def _settle_threadsafe(self, connection: _Connection, future: asyncio.Future[bytes], result: int | Refused,
-                           received: float) -> None:
-        """Called on the writer thread after the commit: hand the reply to the loop, one wake-up per batch."""
+    def _settle(self, connection: _Connection, future: asyncio.Future[bytes], result: int | Refused,
+                received: float) -> None:
+        """Called by the writer after the commit (on our loop in the daemon): the replies go out in one pass."""
         if isinstance(result, Refused):
             self._refused[result.code].inc()
             reply = encode_refusal(result)
@@ -142,7 +142,7 @@ class IngestServer:
         if not self._wake_scheduled:
             self._wake_scheduled = True
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._resolve_settled)
+            call_soon_any_thread(self._loop, self._resolve_settled)
 
     def _resolve_settled(self) -> None:
         self._wake_scheduled = False  # before draining: a settle racing with us schedules another pass

@@ -7,6 +7,7 @@ known to form the next batch: batching is asserted exactly, not hoped for.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -397,6 +398,42 @@ def test_close_commits_every_put_submitted_before_it(data_dir: Path) -> None:
     outbox.close()
     assert [future.result(0) for future in futures] == list(range(1, 501))
     assert stored_ids(data_dir) == list(range(1, 501))
+
+
+def test_on_the_callers_loop_acks_cross_no_thread_and_close_commits_what_still_waits(data_dir: Path) -> None:
+    """The daemon's arrangement: ingest and the writer share one loop, so an ack never changes thread."""
+    async def scenario() -> tuple[list[int | Refused], set[int], bool, int | Refused]:
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(data_dir, loop=loop)
+        settled_on: set[int] = set()
+
+        def put(n: int) -> asyncio.Future[int | Refused]:
+            future: asyncio.Future[int | Refused] = loop.create_future()
+            outbox.put(_message(n), lambda result: (settled_on.add(threading.get_ident()),
+                                                    future.set_result(result)))
+            return future
+
+        acked = list(await asyncio.gather(put(1), put(2)))
+        await asyncio.to_thread(outbox.remove, 1)  # from another thread, as the flusher does
+        writer_thread = any(thread.name == "outbox-writer" for thread in threading.enumerate())
+        waiting = put(3)  # not committed yet: the loop has not run since
+        outbox.close()
+        return acked, settled_on, writer_thread, waiting.result()
+
+    acked, settled_on, writer_thread, last = asyncio.run(scenario())
+    assert acked == [1, 2]
+    assert settled_on == {threading.get_ident()}  # asyncio.run's loop runs on this thread
+    assert not writer_thread
+    assert last == 3
+    assert stored_ids(data_dir) == [2, 3]
+
+
+def test_a_put_after_close_is_refused_not_left_waiting(data_dir: Path) -> None:
+    outbox = Outbox(data_dir)
+    outbox.close()
+    refused = _put(outbox, _message(1))
+    assert isinstance(refused, StorageFailed)
+    assert str(refused) == "the outbox is closed; the daemon is stopping"
 
 
 def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox,

@@ -1,13 +1,14 @@
 """The outbox: the durable backlog between ingest and delivery (the only module that writes SQL).
 
 A package split Vector's way: ``schema`` (all SQL text, pragmas, the persist-queue contract),
-``writer`` (the one committing thread), ``batch`` (the open transaction as ops see it), ``ops`` (the
+``writer`` (the one committer), ``batch`` (the open transaction as ops see it), ``ops`` (the
 changes it commits), ``reader`` (windows, stats).
 ``Outbox`` is the door the rest of the daemon uses; ``ingest`` and ``delivery`` meet only here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import fcntl
 import logging
@@ -34,11 +35,12 @@ from forwarder.store.reader import (
     show_dead,
     show_queue,
 )
-from forwarder.store.writer import Events, Limits, Stats, Writer
+from forwarder.store.writer import Events, Limits, Stats, Writer, call_soon_any_thread
 
 logger = logging.getLogger(__name__)
-__all__ = ["Change", "CorruptRow", "Events", "Limits", "Outbox", "Stats", "Window", "integrity_check", "list_dead",
-           "list_queue", "open_readonly", "read_ids", "read_stats", "show_dead", "show_queue"]
+__all__ = ["Change", "CorruptRow", "Events", "Limits", "Outbox", "Stats", "Window", "call_soon_any_thread",
+           "integrity_check", "list_dead", "list_queue", "open_readonly", "read_ids", "read_stats", "show_dead",
+           "show_queue"]
 
 
 class _NoEvents:
@@ -53,15 +55,20 @@ class _NoEvents:
 
 
 class Outbox:
-    """Owns the data directory while open: its lock, the writer thread and the delivery reader."""
+    """Owns the data directory while open: its lock, the writer and the delivery reader.
 
-    def __init__(self, data_dir: Path, events: Events | None = None, limits: Limits | None = None) -> None:
+    ``loop``: the event loop to commit on (the daemon passes the one ingest runs on, and closes the outbox
+    on that loop's thread); without one, the writer commits on a thread of its own.
+    """
+
+    def __init__(self, data_dir: Path, events: Events | None = None, limits: Limits | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._lock_fd = _lock(data_dir)
         try:
             db_path = schema.create(data_dir) if _needs_create(data_dir) else data_dir / schema.DB_FILE
-            self._writer = Writer(db_path, events or _NoEvents(), limits or Limits())
+            self._writer = Writer(db_path, events or _NoEvents(), limits or Limits(), loop)
             self._reader = schema.connect(db_path)
         except BaseException:
             os.close(self._lock_fd)

@@ -107,4 +107,4 @@ class Op:
         raise NotImplementedError
 
     def settle(self, failure: Refused | None) -> None:
-        """Tell the submitter how it ended; called on the writer thread, must not block."""
+        """Tell the submitter how it ended; called on the writer's loop, must not block."""

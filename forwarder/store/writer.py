@@ -1,18 +1,26 @@
-"""The one thread that commits: group commit of everything that arrived during the previous commit.
+"""The one committer: group commit of everything that arrived while the previous commit ran.
 
 Owns the write connection. Producers (ingest, the flusher, admin commands) submit ``Op`` values; the
-thread takes all that is waiting (up to ``MAX_BATCH``), applies them in one transaction, commits (one
+writer takes all that is waiting (up to ``MAX_BATCH``), applies them in one transaction, commits (one
 fsync for the whole batch), then settles each op: an ack is sent only after ``COMMIT`` returned. If the
 commit fails, every put of the batch is refused with ``StorageFailed`` and nothing of it is stored.
+
+It commits on an event loop's thread. The daemon gives it the loop ingest runs on: a message is then read,
+committed and acked on one thread, with no hand-off to another thread and back (two wake-ups per ack,
+and a wait for the GIL after every statement, were most of an ack's latency: ``bench/README.md``, item 6).
+Batches still form: while a commit runs, the loop reads nothing, so every request that arrives meanwhile
+waits in its socket and goes into the next batch. Without a loop (tools, tests) it runs a private one on
+its own thread. The cost: the loop does not read while it commits, so a slow disk delays pings as well.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -70,18 +78,22 @@ class Events(Protocol):
 
 
 class Writer:
-    """The committing thread and its queue of ops."""
+    """The committer and the ops waiting for it."""
 
-    def __init__(self, db_path: Path, events: Events, limits: Limits) -> None:
+    def __init__(self, db_path: Path, events: Events, limits: Limits,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.limits = limits
         self._db_path = db_path
         self._events = events
         self._conn = schema.connect(db_path)
-        self._queue: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[Op] = collections.deque()  # appended from any thread
+        self._scheduled = False  # a commit pass is due on the loop: one wake-up however many ops arrive
+        self._stopped = False
         self._retry: list[Op] = []
         self._listeners: list[Callable[[], None]] = []
         self._last_maintenance = time.monotonic()
         self._reclaim = True  # a removal was committed since the free pages were last given back
+        self._reclaimed = False  # pages were given back in this round of reclaiming: truncate the WAL after
         self._reserve = _Reserve(db_path.parent / RESERVE_FILE)
         self._reserve.take(self._free_bytes())  # best effort: nothing at start-up may need free space
         self.stats = self._read_stats()
@@ -90,22 +102,39 @@ class Writer:
         self.commit_healthy = True  # False from a failed commit until the next successful one
         self._failures_log = RateLimitedLog(logger)
         self._prune_keys()  # keys of a daemon that was down for days go now, not at its next busy moment
-        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        # The caller's loop, whose thread must then call ``stop``; or a private one, run by ``start``.
+        self._loop = loop or asyncio.new_event_loop()
+        self._thread = None if loop else threading.Thread(target=self._loop.run_forever, name="outbox-writer",
+                                                          daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the private thread, if the writer has one."""
+        if self._thread is not None:
+            self._thread.start()
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (cheap, non-blocking) after every commit that added messages."""
         self._listeners.append(listener)
 
     def submit(self, op: Op) -> None:
-        self._queue.put(op)
+        """Queue ``op`` for the next commit; from any thread."""
+        if self._stopped:
+            op.settle(StorageFailed("the outbox is closed; the daemon is stopping"))
+            return
+        self._waiting.append(op)
+        if not self._scheduled:
+            self._scheduled = True
+            call_soon_any_thread(self._loop, self._commit_waiting)
 
     def stop(self) -> None:
-        """Commit everything submitted so far, then stop the thread and close the connection."""
-        self._queue.put(None)
-        self._thread.join()
+        """Commit everything submitted so far, then close the connection (and the private thread)."""
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+        self._stopped = True
+        while self._waiting or self._retry:  # a failed batch is retried once, so this ends
+            self._commit(self._next_batch())
         self._conn.close()
 
     def _read_stats(self) -> Stats:
@@ -114,38 +143,30 @@ class Writer:
         dead = self._conn.execute(schema.COUNT_DEAD).fetchone()[0]
         return Stats(messages, size, oldest[0] if oldest else None, dead)
 
-    def _run(self) -> None:
+    def _commit_waiting(self) -> None:
+        """One pass on the loop: commit what waits; when nothing does, one step of maintenance."""
+        self._scheduled = False  # before taking the ops: one submitted from now on schedules another pass
+        if self._stopped:  # a pass left on the caller's loop after ``stop`` committed everything
+            return
         try:
-            while True:
-                batch, stopping = self._next_batch()
-                if batch:
-                    self._commit(batch)
-                if stopping:
-                    for op in self._retry:
-                        op.settle(StorageFailed("the daemon stopped before this change could be committed"))
-                    return
-                self._maintain()
-        except Exception:
-            self.commit_healthy = False  # nothing will commit any more: /readyz must say so
-            logger.exception("Outbox writer crashed")
-            raise
+            batch = self._next_batch()
+            if batch:
+                self._commit(batch)
+            more = bool(self._waiting or self._retry) or self._maintain()
+        except Exception:  # a bug in a settle or a listener: say so, and keep committing what comes next
+            self.commit_healthy = False
+            logger.exception("Outbox writer failed")
+            more = bool(self._waiting)
+        if more and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._commit_waiting)
 
-    def _next_batch(self) -> tuple[list[Op], bool]:
+    def _next_batch(self) -> list[Op]:
         batch, self._retry = self._retry, []
-        if not batch:
-            first = self._queue.get()
-            if first is None:
-                return [], True
-            batch.append(first)
-        while len(batch) < MAX_BATCH:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if op is None:
-                return batch, True
-            batch.append(op)
-        return batch, False
+        waiting = self._waiting
+        for _ in range(min(len(waiting), MAX_BATCH - len(batch))):
+            batch.append(waiting.popleft())
+        return batch
 
     def _commit(self, batch_ops: list[Op]) -> None:
         ops = [op for op in batch_ops if op.in_transaction]
@@ -251,13 +272,11 @@ class Writer:
         self.stats = Stats(old.messages + batch.messages, old.bytes + batch.bytes, oldest,
                            old.dead_letters + batch.dead_delta)
 
-    def _maintain(self) -> None:
-        """Between batches, when nothing waits: give freed pages back, and now and then truncate the WAL."""
-        if not self._queue.empty():
-            return
+    def _maintain(self) -> bool:
+        """When nothing waits: give freed pages back, and now and then truncate the WAL; True for another step."""
         try:
-            if self._reclaim:
-                self._reclaim_pages()
+            if self._reclaim and self._reclaim_step():
+                return True
             if time.monotonic() - self._last_maintenance >= _MAINTENANCE_EVERY:
                 self._last_maintenance = time.monotonic()
                 self._prune_keys()
@@ -265,6 +284,7 @@ class Writer:
         except sqlite3.Error as e:
             self._failures_log.warn("maintenance", "Outbox maintenance failed; will try again",
                                     {"error": str(e)})
+        return False
 
     def _prune_keys(self) -> None:
         """Forget idempotency keys older than ``KEY_RETENTION``, one bounded step per call (best effort).
@@ -278,24 +298,33 @@ class Writer:
             self._failures_log.warn("maintenance", "Pruning old idempotency keys failed; will try again",
                                     {"error": str(e)})
 
-    def _reclaim_pages(self) -> None:
-        """Return the pages of removed messages to the filesystem, one bounded step at a time.
+    def _reclaim_step(self) -> bool:
+        """Return the pages of removed messages to the filesystem, one bounded step; True if it took one.
 
         Only once free pages are at least half the file: new messages reuse free pages, so a busy backlog
         needs nothing, while a drained one (after an outage) shrinks to its live pages. A step relocates
         at most ``_RECLAIM_STEP`` pages from the end of the file; a batch that arrives waits one step at most.
         ``executescript``, because ``execute`` steps ``incremental_vacuum`` once, which frees a single page.
         """
-        stepped = False
-        while self._queue.empty():
-            free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-            if free < _RECLAIM_MIN_PAGES or 2 * free < self._conn.execute("PRAGMA page_count").fetchone()[0]:
-                self._reclaim = False
-                break
-            self._conn.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP})")
-            stepped = True
-        if stepped and not self._reclaim:  # the file is down to its live pages: the WAL too
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if free < _RECLAIM_MIN_PAGES or 2 * free < self._conn.execute("PRAGMA page_count").fetchone()[0]:
+            self._reclaim = False
+            if self._reclaimed:  # the file is down to its live pages: the WAL too
+                self._reclaimed = False
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return False
+        self._conn.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP})")
+        self._reclaimed = True
+        return True
+
+
+def call_soon_any_thread(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Schedule ``callback`` on ``loop``: a plain ``call_soon`` on its own thread (no wake-up write)."""
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop runs on this thread
+        on_loop = False
+    (loop.call_soon if on_loop else loop.call_soon_threadsafe)(callback)
 
 
 class _Reserve:
