@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import random
 import socket
 import threading
@@ -21,6 +22,7 @@ import pytest
 from forwarder.config import Config, load_config
 from forwarder.delivery import Flusher
 from forwarder.delivery import flusher as flusher_module
+from forwarder.delivery.lanes import Done, Doorbell, Signal
 from forwarder.delivery.sender import Sender
 from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
@@ -230,3 +232,20 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
     with source, sink:
         while chunk := source.recv(65536):
             sink.sendall(chunk)
+
+
+def test_doorbell_wakes_the_flusher_only_while_it_listens_and_never_loses_a_commit() -> None:
+    events: queue.SimpleQueue[Done | Signal] = queue.SimpleQueue()
+    bell = Doorbell(events)
+    bell.ring()  # the flusher cannot send now: the commit is noted, nobody is woken
+    assert events.empty()
+    assert bell.take() and not bell.take()
+    bell.ring()  # between the flusher's read and its wait: the wait must not sleep through it
+    assert bell.wait(listen=True, timeout=30.0) is Signal.WAKE
+    assert bell.take()
+    woken: list[Done | Signal] = []
+    waiter = threading.Thread(target=lambda: woken.append(bell.wait(listen=True, timeout=30.0)))
+    waiter.start()
+    bell.ring()  # before or after the waiter starts listening: either way it is woken
+    waiter.join(30.0)
+    assert woken == [Signal.WAKE]

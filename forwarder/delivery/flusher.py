@@ -19,7 +19,7 @@ import time
 from forwarder.backoff import Backoff
 from forwarder.config import Config
 from forwarder.delivery.gate import EndpointGate
-from forwarder.delivery.lanes import Done, Job, Lane, Signal
+from forwarder.delivery.lanes import Done, Doorbell, Job, Lane, Signal
 from forwarder.delivery.sender import Sender
 from forwarder.logs import RateLimitedLog
 from forwarder.message import QueuedMessage
@@ -65,7 +65,8 @@ class Flusher:
         # Daemon threads: a request hanging at shutdown is abandoned (its message stays queued), never waited on.
         self._workers = [threading.Thread(target=self._work, name=f"send-{i}", daemon=True)
                          for i in range(config.concurrency)]
-        outbox.on_commit(lambda: self._events.put(Signal.WAKE))
+        self._doorbell = Doorbell(self._events)
+        outbox.on_commit(self._doorbell.ring)
 
     def start(self) -> None:
         for worker in self._workers:
@@ -128,7 +129,9 @@ class Flusher:
         self._dispatch(now)
         self._warn_no_credentials(now)
         try:
-            event = self._events.get(timeout=self._next_timer(time.monotonic()))
+            now = time.monotonic()
+            listen = self._has_room() and self._in_flight < self._config.concurrency and not self._gate.closed(now)
+            event = self._doorbell.wait(listen, self._next_timer(now))
         except queue.Empty:
             return False
         while True:
@@ -180,12 +183,16 @@ class Flusher:
             timers.append(self._next_no_credentials_warning - now)
         return max(0.0, min(timers))
 
-    def _refill(self) -> None:
+    def _has_room(self) -> bool:
+        """A refill is worth a read: a quarter of the window is free."""
         window = self._config.window_messages
-        room = window - len(self._loaded)
-        if not self._more or room < max(1, window // 4):
+        return window - len(self._loaded) >= max(1, window // 4)
+
+    def _refill(self) -> None:
+        self._more = self._doorbell.take() or self._more
+        if not self._more or not self._has_room():
             return
-        batch = self.outbox.read_window(self._cursor, room)
+        batch = self.outbox.read_window(self._cursor, self._config.window_messages - len(self._loaded))
         self._more = batch.full
         self._cursor = max(self._cursor, batch.last_id)
         for queued in batch.messages:
