@@ -73,7 +73,7 @@ def drain_once(work: Path, template: Path, api: FakeApi, concurrency: int, secon
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(template, run_dir / "data")
     api.clear()
-    daemon = Daemon(run_dir, api_url=api.url, ca_file=api.ca_file, credentials=True,
+    daemon = Daemon(run_dir, api_url=api.url, ca_file=api.ca_file,
                     extra=["--concurrency", str(concurrency)])
     with daemon:
         start = time.monotonic() + _WARMUP

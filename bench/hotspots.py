@@ -148,7 +148,7 @@ def profile_drain(work: Path, seconds: float, rate: int, out: Path, gil: bool) -
     with FakeApi(work / out.stem) as api:
         with Daemon(work / out.stem) as builder:
             fill(builder.socket, 30000)
-        daemon = Daemon(work / out.stem, api_url=api.url, ca_file=api.ca_file, credentials=True)
+        daemon = Daemon(work / out.stem, api_url=api.url, ca_file=api.ca_file)
         with daemon:
             time.sleep(0.5)
             spy = record(daemon.pid, seconds, out, rate, gil)

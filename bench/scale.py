@@ -98,7 +98,7 @@ def one_round(work: Path, template: Path, api: FakeApi, seconds: float) -> Round
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(template, run / "data")
     api.clear()
-    daemon = Daemon(run, api_url=api.url, ca_file=api.ca_file, credentials=True)
+    daemon = Daemon(run, api_url=api.url, ca_file=api.ca_file)
     with daemon:
         window_start = time.monotonic() + _WARMUP
         time.sleep(max(0.0, window_start - time.monotonic()))
