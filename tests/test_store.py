@@ -293,6 +293,25 @@ def test_stats_follow_puts_and_removals(outbox: Outbox, recorder: _Recorder, dat
     assert _disk_stats(data_dir) == outbox.stats
 
 
+def test_removals_in_one_batch_of_any_size_leave_exactly_the_rest_and_its_stats(
+        outbox: Outbox, recorder: _Recorder, data_dir: Path) -> None:
+    """Removals are written in chunks of power-of-two sizes: 300 crosses several, with a retry and strays."""
+    ids = [_submit(outbox, _message(n)) for n in range(1, 401)]
+    assert [future.result(WAIT) for future in ids] == list(range(1, 401))
+    outbox.record_attempt(5, "HTTP 503")  # delivery state that must leave with its message
+    with _one_batch(outbox, recorder):  # the parked message takes id 401
+        for message_id in [*range(1, 301), 5, 999]:  # 5 twice (a redelivery), 999 not there
+            outbox.remove(message_id)
+        kept = _submit(outbox, _message(402))
+    assert kept.result(WAIT) == 402
+    recorder.wait_for_ops(400 + 2 + 302 + 1)
+    assert stored_ids(data_dir) == list(range(301, 403))
+    rest = [_message(n) for n in range(301, 401)] + [_message(-1), _message(402)]
+    assert (outbox.stats.messages, outbox.stats.bytes) == (102, sum(_size(m) for m in rest))
+    assert _disk_stats(data_dir) == outbox.stats
+    assert _execute(data_dir, "SELECT count(*) FROM message_state") == [(0,)]
+
+
 def test_ids_of_removed_newest_messages_are_never_given_again_nor_after_a_reopen(data_dir: Path) -> None:
     recorder = _Recorder()
     with Outbox(data_dir, events=recorder) as outbox:

@@ -6,21 +6,24 @@ An op never commits: the writer owns BEGIN, COMMIT and ROLLBACK, and settles eac
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Iterator
+from typing import ClassVar, TypeVar
 
 from forwarder.errors import OutboxFull, Refused
 from forwarder.store import schema
+
+_T = TypeVar("_T")
 
 
 class Batch:
     """The open transaction as an op sees it: a connection, the clock, and the running stats delta.
 
-    New messages are not inserted one statement at a time: ``insert`` gives the message its id at once and
-    ``write_inserts`` stores all of them in a few multi-row statements. Under load, each statement cost a
-    hand-over of the GIL between this thread and the event loop, and a commit of 30 messages took four times
-    as long as the same commit on a quiet machine (``bench/README.md``, item 3). ``conn`` writes the pending
-    inserts first, so every other statement of the batch sees the messages put before it.
+    Messages are not inserted, nor delivered ones removed, one statement at a time: ``insert`` gives a
+    message its id at once and ``remove`` notes an id, and ``write_pending`` stores or removes all of them in
+    a few multi-row statements. Each statement hands the GIL over and waits to get it back: while the
+    flusher's threads deliver, that wait made a batch of a thousand removals (two statements each) hold the
+    event loop for seconds (``bench/README.md``, item 6). ``conn`` writes what is pending first, so every
+    other statement of the batch sees the messages put and removed before it.
     """
 
     def __init__(self, conn: sqlite3.Connection, now: float, room: Callable[[int, int, int], str | None],
@@ -39,11 +42,12 @@ class Batch:
         self.next_id = next_id  # the id the next new message gets; the writer keeps it once committed
         self._rows: list[tuple[int, bytes, float]] = []
         self._keys: dict[str, int] = {}  # idempotency keys of the pending inserts
+        self._removals: list[int] = []
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The open transaction, with every message inserted so far in this batch written to it."""
-        self.write_inserts()
+        """The open transaction, with every insert and removal so far in this batch written to it."""
+        self.write_pending()
         return self._conn
 
     def find_key(self, key: str) -> int | None:
@@ -62,16 +66,26 @@ class Batch:
         self.added(1, len(data))
         return message_id
 
-    def write_inserts(self) -> None:
-        """Store the pending new messages and their keys: one statement per power-of-two chunk of rows."""
+    def remove(self, message_id: int) -> None:
+        """Note a delivered message's removal (with its delivery state); a missing id is no error."""
+        self._removals.append(message_id)
+
+    def write_pending(self) -> None:
+        """Store the pending new messages and their keys, then remove the pending ids: one statement per
+        power-of-two chunk of rows (a few statement shapes, each prepared once)."""
         rows, self._rows = self._rows, []
-        while rows:
-            size = next(size for size in schema.INSERT_CHUNKS if size <= len(rows))
-            self._conn.execute(schema.insert_rows(size), [value for row in rows[:size] for value in row])
-            rows = rows[size:]
+        for chunk in _chunks(rows):
+            self._conn.execute(schema.insert_rows(len(chunk)), [value for row in chunk for value in row])
         if self._keys:
             self._conn.executemany(schema.INSERT_KEY, [(key, i, self.now) for key, i in self._keys.items()])
             self._keys.clear()
+        removals, self._removals = self._removals, []
+        for ids in _chunks(removals):
+            measure, delete, delete_state = schema.delete_rows(len(ids))
+            messages, size = self._conn.execute(measure, ids).fetchone()
+            self._conn.execute(delete, ids)
+            self._conn.execute(delete_state, ids)
+            self.added(-messages, -size)
 
     def added(self, messages: int, size: int) -> None:
         """Account for rows entering (+) or leaving (-) the outbox in this transaction."""
@@ -92,6 +106,14 @@ class Batch:
         """Account for a message moved to the dead letters in this transaction."""
         self.dead_delta += 1
         self.dead_reasons.append(reason)
+
+
+def _chunks(items: list[_T]) -> Iterator[list[_T]]:
+    """``items`` in chunks of the sizes in ``schema.CHUNKS``, largest first."""
+    while items:
+        size = next(size for size in schema.CHUNKS if size <= len(items))
+        yield items[:size]
+        items = items[size:]
 
 
 class Op:

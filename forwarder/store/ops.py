@@ -56,7 +56,7 @@ class Remove(Op):
     frees_space: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
-        delete_message(batch, self.message_id)
+        batch.remove(self.message_id)
 
 
 @dataclass(eq=False)

@@ -54,7 +54,7 @@ INSERT_WITH_ID = f"INSERT INTO {TABLE} (_id, data, timestamp, status) VALUES (?,
 # The id AUTOINCREMENT would give next: sqlite_sequence holds the largest id the table ever had, so an id is
 # never reused, even after the newest messages were delivered and removed.
 NEXT_ID = f"SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{TABLE}'), 0) + 1"
-INSERT_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per multi-row INSERT: 9 statement shapes, few statements
+CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per multi-row INSERT or DELETE: 9 statement shapes, few statements
 SELECT_ONE = f"SELECT _id, data, timestamp FROM {TABLE} WHERE _id = ?"
 DELETE = f"DELETE FROM {TABLE} WHERE _id = ?"
 DELETE_STATE = "DELETE FROM message_state WHERE message_id = ?"
@@ -84,6 +84,18 @@ def insert_rows(count: int) -> str:
     """One INSERT of ``count`` messages, each bound as (id, data, timestamp)."""
     return f"INSERT INTO {TABLE} (_id, data, timestamp, status) VALUES " + ", ".join(
         [f"(?, ?, ?, {STATUS_READY})"] * count)
+
+
+@functools.cache
+def delete_rows(count: int) -> tuple[str, str, str]:
+    """Removing ``count`` messages by id: how many there are and their bytes, their rows, their state.
+
+    The count comes from an aggregate, not ``RETURNING``: every row a statement returns is one more step,
+    and every step waits to get the GIL back.
+    """
+    ids = ", ".join(["?"] * count)
+    return (f"SELECT count(*), coalesce(sum(length(data)), 0) FROM {TABLE} WHERE _id IN ({ids})",
+            f"DELETE FROM {TABLE} WHERE _id IN ({ids})", f"DELETE FROM message_state WHERE message_id IN ({ids})")
 
 
 def encode_record(record: dict[str, Any]) -> bytes:

@@ -190,7 +190,7 @@ class Writer:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, batch) for op in ops]
-            batch.write_inserts()
+            batch.write_pending()
             if batch.messages or batch.bytes:
                 self._conn.execute(schema.ADD_STATS, (batch.messages, batch.bytes))
             self._conn.execute("COMMIT")
