@@ -36,6 +36,7 @@ run ack_latency bench/ack_latency.py --rounds 5 --requests 2000 --rabbitmq-reque
 run concurrency bench/concurrency.py --producers 1 16 64 256 --seconds 3 --rounds 3
 run concurrency-ping bench/concurrency.py --ping --producers 1 16 64 256 --seconds 3 --rounds 3
 run drain bench/drain.py --delays 0 0.05 --concurrency 1 8 32 128 --seconds 3 --rounds 3 --backlog 20000
+run ack_during_drain bench/ack_during_drain.py --concurrency 1 8 32 --seconds 6 --rounds 3 --backlog 20000
 run scale bench/scale.py --messages 1000000 --rounds 3 --connections 4 --seconds 5
 run hotspots bench/hotspots.py --seconds 5 --rate 250 --out "$OUT/py-spy"
 
