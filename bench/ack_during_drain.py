@@ -42,14 +42,14 @@ def run_once(work: Path, template: Path, api: FakeApi, concurrency: int, seconds
     latencies: list[float] = []
     with Daemon(run_dir, api_url=api.url, ca_file=api.ca_file, extra=["--concurrency", str(concurrency)]) as daemon:
         time.sleep(_WARMUP)
-        start = time.time()
-        while time.time() - start < seconds:
+        start = time.monotonic()  # the API stamps arrivals with the same clock
+        while time.monotonic() - start < seconds:
             sent = time.perf_counter()
             with Client(str(daemon.socket), timeout=120.0) as client:
                 client.set(f"trickle{len(latencies)}@example.com", {"n": str(len(latencies))})
             latencies.append(time.perf_counter() - sent)
             time.sleep(_PAUSE)
-        end = time.time()
+        end = time.monotonic()
         if daemon.status()["backlog"] <= len(latencies):
             raise RuntimeError("the backlog ran out before the window closed: raise --backlog")
     delivered = sum(1 for r in api.received() if 200 <= r["status"] < 300 and start <= r["at"] < end)
