@@ -126,7 +126,8 @@ class Outbox:
         return op.result
 
     def compact(self) -> concurrent.futures.Future[int]:
-        """VACUUM, by the writer, between two commits (ingest waits meanwhile: an operator's choice)."""
+        """VACUUM, by the writer, between two commits: on the daemon's loop, which answers nothing meanwhile
+        (acks, pings, status all wait: an operator's choice; it takes seconds on a large file)."""
         op = Vacuum()
         self._writer.submit(op)
         return op.result
