@@ -455,6 +455,26 @@ def test_a_put_after_close_is_refused_not_left_waiting(data_dir: Path) -> None:
     assert str(refused) == "the outbox is closed; the daemon is stopping"
 
 
+def test_truncating_the_wal_gives_up_at_once_while_a_reader_holds_an_older_snapshot(
+        outbox: Outbox, data_dir: Path) -> None:
+    """The writer runs on the daemon's event loop: a checkpoint waiting for a reader (``check`` on a large
+    file) would hold every ack and ping for the busy timeout (30 s). It gives up, and maintenance retries."""
+    assert _put(outbox, _message(1)) == 1
+    reader = sqlite3.connect(data_dir / schema.DB_FILE, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone() == (1,)
+        assert _put(outbox, _message(2)) == 2  # committed after the reader's snapshot
+        writer = outbox._writer
+        assert writer.truncate_wal() is False
+        assert writer._conn.execute("PRAGMA busy_timeout").fetchone() == (schema.BUSY_TIMEOUT_MS,)
+        reader.execute("COMMIT")
+        assert writer.truncate_wal() is True
+    finally:
+        reader.close()
+    assert (data_dir / f"{schema.DB_FILE}-wal").stat().st_size == 0
+
+
 def test_commit_listeners_hear_of_every_commit_that_added_messages(outbox: Outbox,
                                                                     recorder: _Recorder) -> None:
     heard: list[int] = []

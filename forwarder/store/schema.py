@@ -108,6 +108,9 @@ def decode_record(data: bytes) -> Any:
     return json_serializer.loads(bytes(data))
 
 
+BUSY_TIMEOUT_MS = 30_000  # how long the writer waits for another process's write lock before failing
+
+
 def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection in autocommit mode, so transactions are exactly our BEGIN ... COMMIT."""
     if readonly:
@@ -115,7 +118,7 @@ def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
                                check_same_thread=False, timeout=5.0)
         conn.execute("PRAGMA query_only=ON")
         return conn
-    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     for pragma in PRAGMAS:
         conn.execute(pragma)
     return conn

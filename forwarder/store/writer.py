@@ -280,7 +280,7 @@ class Writer:
             if time.monotonic() - self._last_maintenance >= _MAINTENANCE_EVERY:
                 self._last_maintenance = time.monotonic()
                 self._prune_keys()
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.truncate_wal()
         except sqlite3.Error as e:
             self._failures_log.warn("maintenance", "Outbox maintenance failed; will try again",
                                     {"error": str(e)})
@@ -298,6 +298,20 @@ class Writer:
             self._failures_log.warn("maintenance", "Pruning old idempotency keys failed; will try again",
                                     {"error": str(e)})
 
+    def truncate_wal(self) -> bool:
+        """Checkpoint the WAL and truncate it, unless a reader needs it: False then, and no wait.
+
+        A reader inside a transaction on an older snapshot (``check`` on a large file, say) makes a TRUNCATE
+        checkpoint wait for the busy timeout, and on the daemon's event loop every ack and ping would wait
+        with it. Maintenance tries again at its next turn instead.
+        """
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
+        return not busy
+
     def _reclaim_step(self) -> bool:
         """Return the pages of removed messages to the filesystem, one bounded step; True if it took one.
 
@@ -311,7 +325,7 @@ class Writer:
             self._reclaim = False
             if self._reclaimed:  # the file is down to its live pages: the WAL too
                 self._reclaimed = False
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.truncate_wal()
             return False
         self._conn.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP})")
         self._reclaimed = True
