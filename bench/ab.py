@@ -1,7 +1,7 @@
 """Before and after in one run: two checkouts of the forwarder, side by side, rounds interleaved.
 
-Figures from different runs of this VM drift by a quarter or more (the floors in ``bench/README.md`` show
-it), so a change is judged by ratios taken within one run. Each tree's daemon runs from that tree
+Figures from runs of this VM hours apart drifted by a quarter or more (the floors in ``bench/README.md``
+show it), so a change is judged by ratios taken within one run. Each tree's daemon runs from that tree
 (``PYTHONPATH``); both are up for the whole run, and the rounds alternate which goes first. Per round:
 per-request and long-lived ack p50 (``ack_latency.py``'s patterns), then throughput at each producer
 count (``concurrency.py``'s generator). Printed: each tree's median, and the median of the per-round

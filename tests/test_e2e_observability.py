@@ -487,9 +487,13 @@ def test_readyz_fails_while_messages_wait_on_a_reachable_api_that_delivers_nothi
     assert daemon.status()["backlog"] == 0
 
 
-def test_scrapes_and_probes_answer_while_the_writer_waits_on_another_process_s_lock(
+def test_scrapes_probes_and_the_socket_answer_while_the_writer_waits_on_another_process_s_lock(
         daemon: DaemonProcess, client: Client) -> None:
-    """The writer is blocked in its commit (another process holds SQLite's write lock): scrapes still answer."""
+    """Another process holds SQLite's write lock, so the writer cannot commit: everything else answers.
+
+    The writer commits on the event loop that serves the socket, so it must wait for the lock without
+    blocking that loop (a status request on another connection is answered meanwhile).
+    """
     for n in range(3):
         client.set(f"user{n}@example.com", {"n": str(n)})
     lock = sqlite3.connect(daemon.data_dir / DB_FILE, isolation_level=None, timeout=30)
@@ -501,6 +505,8 @@ def test_scrapes_and_probes_answer_while_the_writer_waits_on_another_process_s_l
         samples = _wait_for_scrape(  # each scrape answers within urlopen's timeout, or the test fails
             daemon, lambda s: _value(s, "forwarder_ingest_received_messages_total", op="set") == 4.0, 30)
         assert acked == []  # its commit waits on the lock, so the writer is blocked during these scrapes
+        with Client(str(daemon.socket), timeout=10.0) as other:
+            assert other.request({"op": "status"})["backlog"] == 3
         assert _probe(daemon, "/healthz") == (200, "alive")
         assert _probe(daemon, "/readyz")[0] == 200
     finally:

@@ -2,7 +2,7 @@
 
 A package split Vector's way: ``schema`` (all SQL text, pragmas, the persist-queue contract),
 ``writer`` (the one committer), ``batch`` (the open transaction as ops see it), ``ops`` (the
-changes it commits), ``reader`` (windows, stats).
+changes it commits), ``reader`` (windows, stats), ``reserve`` (room for removals on a full volume).
 ``Outbox`` is the door the rest of the daemon uses; ``ingest`` and ``delivery`` meet only here.
 """
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -33,6 +32,7 @@ from forwarder.errors import Refused, StorageFailed
 from forwarder.logs import RateLimitedLog
 from forwarder.store import schema
 from forwarder.store.batch import Batch, Op
+from forwarder.store.reserve import RESERVE_BYTES, RESERVE_FILE, Reserve
 
 logger = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -41,8 +41,7 @@ _RECLAIM_MIN_PAGES = 256  # free pages below which giving them back is not worth
 _RECLAIM_STEP = 1024  # pages per incremental vacuum: bounds the work between two batches, and the WAL
 KEY_RETENTION = 7 * 86400.0  # seconds an idempotency key is remembered: past any app's retry horizon
 _PRUNE_STEP = 10_000  # keys looked at per pass, so a pass never holds the write lock for long
-RESERVE_FILE = "outbox.reserve"
-_RESERVE_BYTES = 4 << 20  # a WAL at its journal_size_limit: room for removals when the volume is full
+_LOCK_RETRY = 0.01  # seconds between two tries at a write lock another process holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +85,9 @@ class Writer:
         self._db_path = db_path
         self._events = events
         self._conn = schema.connect(db_path)
+        self._conn.execute("PRAGMA busy_timeout = 0")  # never wait for a lock on the loop: see _lock_held_elsewhere
+        self._locked_since: float | None = None  # monotonic: since when BEGIN finds the write lock taken
+        self._lock_retry_at = 0.0
         self._waiting: collections.deque[Op] = collections.deque()  # appended from any thread
         self._scheduled = False  # a commit pass is due on the loop: one wake-up however many ops arrive
         self._stopped = False
@@ -94,7 +96,7 @@ class Writer:
         self._last_maintenance = time.monotonic()
         self._reclaim = True  # a removal was committed since the free pages were last given back
         self._reclaimed = False  # pages were given back in this round of reclaiming: truncate the WAL after
-        self._reserve = _Reserve(db_path.parent / RESERVE_FILE)
+        self._reserve = Reserve(db_path.parent / RESERVE_FILE)
         self._reserve.take(self._free_bytes())  # best effort: nothing at start-up may need free space
         self.stats = self._read_stats()
         # Ours to hand out: no other process writes the data dir (its lock), and a failed batch gives none away.
@@ -133,7 +135,8 @@ class Writer:
             self._thread.join()
             self._loop.close()
         self._stopped = True
-        while self._waiting or self._retry:  # a failed batch is retried once, so this ends
+        while self._waiting or self._retry:  # a failed batch is retried once, a locked one waits its limit
+            time.sleep(max(0.0, self._lock_retry_at - time.monotonic()))
             self._commit(self._next_batch())
         self._conn.close()
 
@@ -159,7 +162,11 @@ class Writer:
             more = bool(self._waiting)
         if more and not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._commit_waiting)
+            delay = self._lock_retry_at - time.monotonic()
+            if delay > 0:  # the batch waits for another process's write lock; ingest reads on meanwhile
+                self._loop.call_later(delay, self._commit_waiting)
+            else:
+                self._loop.call_soon(self._commit_waiting)
 
     def _next_batch(self) -> list[Op]:
         batch, self._retry = self._retry, []
@@ -171,7 +178,16 @@ class Writer:
     def _commit(self, batch_ops: list[Op]) -> None:
         ops = [op for op in batch_ops if op.in_transaction]
         if ops:
-            self._commit_transaction(ops)
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if self._lock_held_elsewhere(e):
+                    self._retry = batch_ops  # all of it, in order, its tries unspent: nothing failed yet
+                    return
+                self._fail(ops, e)
+            else:
+                self._locked_since = None
+                self._commit_transaction(ops)
         for op in batch_ops:
             if not op.in_transaction:
                 self._run_alone(op)
@@ -184,11 +200,29 @@ class Writer:
             return
         op.settle(None)
 
+    def _lock_held_elsewhere(self, error: sqlite3.OperationalError) -> bool:
+        """Whether BEGIN found the write lock taken by another process and the batch should wait for it.
+
+        Nothing else in this daemon writes, but an operator's ``sqlite3`` shell or a backup tool can. A
+        BEGIN that waited for the lock (SQLite's busy timeout) would hold the event loop, and every ack,
+        ping and ``status`` with it. Instead the batch is tried again every ``_LOCK_RETRY`` seconds while
+        ingest reads on; after ``schema.BUSY_TIMEOUT_MS`` it fails like any commit ("database is locked").
+        """
+        now = time.monotonic()
+        if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            return False
+        self._locked_since = self._locked_since or now
+        if now - self._locked_since >= schema.BUSY_TIMEOUT_MS / 1000:
+            self._locked_since = None
+            return False
+        self._lock_retry_at = now + _LOCK_RETRY
+        return True
+
     def _commit_transaction(self, ops: list[Op]) -> None:
+        """Apply ``ops`` inside the transaction ``_commit`` began, commit, settle them."""
         started = time.monotonic()
         batch = Batch(self._conn, time.time(), self._room, self._free_bytes, self._next_id)
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, batch) for op in ops]
             batch.write_pending()
             if batch.messages or batch.bytes:
@@ -255,7 +289,7 @@ class Writer:
         if kind == "disk_full" and any(op.frees_space for op in ops) and self._reserve.release():
             logger.warning("The data volume is full: released the outbox's reserve, so that delivered "
                            "messages can still be removed; new ones are refused until there is room",
-                           extra={"fields": {"reserve_bytes": _RESERVE_BYTES}})
+                           extra={"fields": {"reserve_bytes": RESERVE_BYTES}})
         for op in ops:
             op.tries += 1
             if op.retry_on_failure and op.tries < 2:
@@ -301,16 +335,11 @@ class Writer:
     def truncate_wal(self) -> bool:
         """Checkpoint the WAL and truncate it, unless a reader needs it: False then, and no wait.
 
-        A reader inside a transaction on an older snapshot (``check`` on a large file, say) makes a TRUNCATE
-        checkpoint wait for the busy timeout, and on the daemon's event loop every ack and ping would wait
-        with it. Maintenance tries again at its next turn instead.
+        A reader inside a transaction on an older snapshot (``check`` on a large file, say) would make a
+        TRUNCATE checkpoint wait, and on the daemon's event loop every ack and ping would wait with it: the
+        writer's connection has no busy timeout, and maintenance tries again at its next turn instead.
         """
-        self._conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        finally:
-            self._conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
-        return not busy
+        return not self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
 
     def _reclaim_step(self) -> bool:
         """Return the pages of removed messages to the filesystem, one bounded step; True if it took one.
@@ -339,52 +368,3 @@ def call_soon_any_thread(loop: asyncio.AbstractEventLoop, callback: Callable[[],
     except RuntimeError:  # no loop runs on this thread
         on_loop = False
     (loop.call_soon if on_loop else loop.call_soon_threadsafe)(callback)
-
-
-class _Reserve:
-    """Space held back on the data volume, so that delivered messages can be removed when it is full.
-
-    A removal writes to the WAL like an insert does: on a full volume, without room, delivered messages
-    could never leave the outbox and the volume would never empty. The reserve is a preallocated file
-    beside the database. A commit with removals that fails for a full disk releases it and is retried;
-    until there is room to set it aside again, new messages are refused with ``full``, so they cannot eat it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self.held = path.exists()
-        self._unsupported = False  # the volume cannot preallocate: no reserve, and ingest is not held back
-
-    def take(self, free: int) -> bool:
-        """Set the reserve aside unless it is, if ``free`` bytes leave room for it; False when it is not."""
-        if self.held or self._unsupported:
-            return True
-        if free < 2 * _RESERVE_BYTES:
-            return False
-        partial = self._path.with_suffix(".partial")
-        try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
-            finally:
-                os.close(fd)
-            os.replace(partial, self._path)
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return False
-            self._unsupported = True
-            logger.warning("Cannot set a reserve aside on the data volume; when it fills up, delivered "
-                           "messages stay in the outbox until space is freed",
-                           extra={"fields": {"error": str(e)}})
-            return True
-        self.held = True
-        return True
-
-    def release(self) -> bool:
-        """Give the reserve's space to SQLite; False if it was not held."""
-        if not self.held:
-            return False
-        self._path.unlink(missing_ok=True)
-        self.held = False
-        return True
