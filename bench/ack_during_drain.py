@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import harness
-from harness import Daemon, FakeApi, Spread, filesystem_of, fill, machine, ms, percentile, table, workdir
+from harness import (
+    Daemon,
+    FakeApi,
+    Spread,
+    draining_daemon,
+    filesystem_of,
+    fill,
+    machine,
+    ms,
+    percentile,
+    table,
+    workdir,
+)
 
 from forwarder.client import Client
 
@@ -35,12 +47,8 @@ class Run:
 
 
 def run_once(work: Path, template: Path, api: FakeApi, concurrency: int, seconds: float) -> Run:
-    run_dir = work / f"run-{concurrency}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(template, run_dir / "data")
-    api.clear()
     latencies: list[float] = []
-    with Daemon(run_dir, api_url=api.url, ca_file=api.ca_file, extra=["--concurrency", str(concurrency)]) as daemon:
+    with draining_daemon(work, template, api, concurrency) as daemon:
         time.sleep(_WARMUP)
         start = time.monotonic()  # the API stamps arrivals with the same clock
         while time.monotonic() - start < seconds:
@@ -53,7 +61,7 @@ def run_once(work: Path, template: Path, api: FakeApi, concurrency: int, seconds
         if daemon.status()["backlog"] <= len(latencies):
             raise RuntimeError("the backlog ran out before the window closed: raise --backlog")
     delivered = sum(1 for r in api.received() if 200 <= r["status"] < 300 and start <= r["at"] < end)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(daemon.data_dir.parent, ignore_errors=True)
     return Run(percentile(latencies, 0.5), percentile(latencies, 0.99), max(latencies), len(latencies),
                delivered / (end - start))
 

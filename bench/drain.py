@@ -27,6 +27,7 @@ from harness import (
     FakeApi,
     Spread,
     cpu_seconds,
+    draining_daemon,
     filesystem_of,
     fill,
     machine,
@@ -69,12 +70,7 @@ class Run:
 
 def drain_once(work: Path, template: Path, api: FakeApi, concurrency: int, seconds: float) -> Run:
     """Start the daemon on a fresh copy of the backlog and count what the API receives in the window."""
-    run_dir = work / f"run-{concurrency}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(template, run_dir / "data")
-    api.clear()
-    daemon = Daemon(run_dir, api_url=api.url, ca_file=api.ca_file,
-                    extra=["--concurrency", str(concurrency)])
+    daemon = draining_daemon(work, template, api, concurrency)
     with daemon:
         start = time.monotonic() + _WARMUP
         time.sleep(max(0.0, start - time.monotonic()))
@@ -86,7 +82,7 @@ def drain_once(work: Path, template: Path, api: FakeApi, concurrency: int, secon
         raise RuntimeError("the backlog ran out before the window closed: raise --backlog")
     arrivals = [r["at"] for r in api.received() if 200 <= r["status"] < 300]
     in_window = sum(1 for at in arrivals if start <= at < start + seconds)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(daemon.data_dir.parent, ignore_errors=True)
     return Run(in_window / seconds, daemon_cpu / seconds, api_cpu / seconds)
 
 

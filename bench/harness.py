@@ -226,6 +226,15 @@ class Daemon:
             return client.request({"op": "status"})
 
 
+def draining_daemon(work: Path, template: Path, api: FakeApi, concurrency: int) -> Daemon:
+    """A daemon (not yet started) on a fresh copy of the ``template`` backlog, draining to ``api``."""
+    run_dir = work / f"run-{concurrency}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(template, run_dir / "data")
+    api.clear()
+    return Daemon(run_dir, api_url=api.url, ca_file=api.ca_file, extra=["--concurrency", str(concurrency)])
+
+
 def set_line(n: int, padding: int = 0) -> bytes:
     """One ``set`` request line for user ``n``; ``padding`` adds an attribute to reach a target size."""
     attrs = f'"plan":"pro","n":"{n}"' + (f',"note":"{"x" * padding}"' if padding else "")
