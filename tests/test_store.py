@@ -428,8 +428,11 @@ def test_on_the_callers_loop_acks_cross_no_thread_and_close_commits_what_still_w
 
         def put(n: int) -> asyncio.Future[int | Refused]:
             future: asyncio.Future[int | Refused] = loop.create_future()
-            outbox.put(_message(n), lambda result: (settled_on.add(threading.get_ident()),
-                                                    future.set_result(result)))
+
+            def done(result: int | Refused) -> None:
+                settled_on.add(threading.get_ident())
+                future.set_result(result)
+            outbox.put(_message(n), done)
             return future
 
         acked = list(await asyncio.gather(put(1), put(2)))
