@@ -11,6 +11,7 @@ import logging
 import queue
 import random
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
 from forwarder.message import Kind, Message, QueuedMessage
 from forwarder.metrics import Metrics, Snapshot
-from forwarder.store import Outbox, list_queue, open_readonly
+from forwarder.store import Outbox, list_queue, open_readonly, schema
 from forwarder.turretio import Credentials, Delivered, TurretUpstream
 from tests.conftest import API_KEY, API_SECRET
 
@@ -127,6 +128,31 @@ def test_an_answer_to_a_request_sent_before_the_endpoint_failed_does_not_reopen_
     finally:
         flusher.stop(timeout=5)
     assert [name for name, _ in _gate_logs(caplog)] == ["Upstream failing", "Upstream reachable again"]
+
+
+def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_is_not_committed_yet(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path) -> None:
+    # Another process holds SQLite's write lock, so the removal of the delivered first message waits.
+    # The flush re-reads the outbox from its start and finds that message still stored: it must not go
+    # again (a duplicate, and for its user older news after newer). One request at a time, in id order,
+    # so a resend would come before the second message's retry.
+    fake_api.script(Respond(200, b"{}"), Respond(503))
+    first, second = _queue(outbox, 2)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="1", backoff_base="10m",
+                                       backoff_cap="1h"))
+    blocker = sqlite3.connect(outbox.data_dir / schema.DB_FILE, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    flusher.start()
+    try:
+        fake_api.wait_for_count(2, timeout=10, delivered=False)
+        _wait_until(lambda: flusher.state == "backing_off")  # the 503 is handled: the second one waits 10 min
+        flusher.flush()
+        fake_api.wait_for_count(2, timeout=10)  # the second one, retried at once by the flush
+    finally:
+        blocker.close()
+        flusher.stop(timeout=5)
+    assert [(int(r.idempotency_key or 0), r.status) for r in fake_api.received()] == [
+        (first, 200), (second, 503), (second, 200)]
 
 
 def test_missing_credentials_warn_once_per_interval_while_messages_wait_not_once_per_message(

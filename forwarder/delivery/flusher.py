@@ -24,7 +24,7 @@ from forwarder.delivery.sender import Sender
 from forwarder.logs import RateLimitedLog
 from forwarder.message import QueuedMessage
 from forwarder.metrics import Metrics
-from forwarder.store import Outbox
+from forwarder.store import Op, Outbox
 from forwarder.turretio import Credentials, Dead, Delivered, PauseAuth, Result, Retry, Upstream
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ class Flusher:
         self._parked: list[Lane] = []  # heads that need credentials we lack, or that the API refused
         self._seq = itertools.count()
         self._loaded: set[int] = set()
+        # Delivered or dead-lettered, their removal not committed yet: a re-read from the start (a resync)
+        # still finds them stored, and must not send them again. In submission order, which is commit order.
+        self._removing: collections.OrderedDict[int, Op] = collections.OrderedDict()
         self._cursor = 0
         self._more = True  # the outbox may hold messages after the cursor
         self._in_flight = 0
@@ -189,6 +192,7 @@ class Flusher:
         return window - len(self._loaded) >= max(1, window // 4)
 
     def _refill(self) -> None:
+        self._forget_removed()
         self._more = self._doorbell.take() or self._more
         if not self._more or not self._has_room():
             return
@@ -196,9 +200,16 @@ class Flusher:
         self._more = batch.full
         self._cursor = max(self._cursor, batch.last_id)
         for queued in batch.messages:
-            if queued.id not in self._loaded:
+            if queued.id not in self._loaded and queued.id not in self._removing:
                 self._loaded.add(queued.id)
                 self._enqueue(queued)
+
+    def _forget_removed(self) -> None:
+        """Stop tracking removals the writer has settled: committed (a re-read no longer finds them), or
+        failed for good (the message stays stored, and is sent again: at least once)."""
+        removing = self._removing
+        while removing and removing[next(iter(removing))].settled:
+            removing.popitem(last=False)
 
     def _enqueue(self, queued: QueuedMessage) -> None:
         key = self.upstream.ordering_key(queued.message)
@@ -240,7 +251,7 @@ class Flusher:
         message_id = lane.messages[0].id
         self._dead_log.warn(f"dead:{reason}", "Message moved to the dead letters; see `dead list`",
                             {"id": message_id, "reason": reason, "status": status})
-        self.outbox.dead_letter(message_id, reason, status, response, counts_attempt)
+        self._removing[message_id] = self.outbox.dead_letter(message_id, reason, status, response, counts_attempt)
         self._advance(lane)
 
     def _send(self, lane: Lane, queued: QueuedMessage, probe: bool) -> None:
@@ -332,7 +343,7 @@ class Flusher:
             self._on_retry(job, outcome)
 
     def _on_delivered(self, job: Job) -> None:
-        self.outbox.remove(job.queued.id)
+        self._removing[job.queued.id] = self.outbox.remove(job.queued.id)
         self.last_delivery_at = time.time()
         self.metrics.delivered.inc()
         self.metrics.end_to_end.observe(max(0.0, self.last_delivery_at - job.queued.enqueued_at))

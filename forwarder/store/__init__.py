@@ -23,6 +23,7 @@ from forwarder.errors import AlreadyRunning
 from forwarder.message import Message, QueuedMessage
 from forwarder.store import reader, schema
 from forwarder.store.admin import Change
+from forwarder.store.batch import Op
 from forwarder.store.ops import AdminOp, DeadLetter, Put, PutDone, RecordAttempt, Remove, Vacuum
 from forwarder.store.reader import (
     CorruptRow,
@@ -38,7 +39,7 @@ from forwarder.store.reader import (
 from forwarder.store.writer import Events, Limits, Stats, Writer, call_soon_any_thread
 
 logger = logging.getLogger(__name__)
-__all__ = ["Change", "CorruptRow", "Events", "Limits", "Outbox", "Stats", "Window", "call_soon_any_thread",
+__all__ = ["Change", "CorruptRow", "Events", "Limits", "Op", "Outbox", "Stats", "Window", "call_soon_any_thread",
            "integrity_check", "list_dead", "list_queue", "open_readonly", "read_ids", "read_stats", "show_dead",
            "show_queue"]
 
@@ -111,9 +112,9 @@ class Outbox:
         """Queue ``message`` for the next commit; ``done`` gets its id or a ``Refused`` after the commit."""
         self._writer.submit(Put(schema.encode_record(message.to_record()), message.key, done))
 
-    def remove(self, message_id: int) -> None:
-        """A message was delivered: remove it in the next commit (no waiting)."""
-        self._writer.submit(Remove(message_id))
+    def remove(self, message_id: int) -> Op:
+        """A message was delivered: remove it in the next commit (no waiting; the op tells when it is settled)."""
+        return self._submit(Remove(message_id))
 
     def record_attempt(self, message_id: int, error: str, next_attempt: float | None = None) -> None:
         """Count a failed attempt and keep its error and next try (wall clock) for ``queue list``."""
@@ -133,8 +134,12 @@ class Outbox:
         return op.result
 
     def dead_letter(self, message_id: int, reason: str, status: int | None = None, response: bytes = b"",
-                    counts_attempt: bool = True) -> None:
-        self._writer.submit(DeadLetter(message_id, reason, status, response, counts_attempt))
+                    counts_attempt: bool = True) -> Op:
+        return self._submit(DeadLetter(message_id, reason, status, response, counts_attempt))
+
+    def _submit(self, op: Op) -> Op:
+        self._writer.submit(op)
+        return op
 
     def read_window(self, after_id: int, limit: int) -> Window:
         """Deliverable messages after ``after_id``; corrupt rows are sent to the dead letters on the way."""

@@ -123,10 +123,15 @@ class Op:
     in_transaction: ClassVar[bool] = True  # False: runs alone after the batch's commit (VACUUM)
     frees_space: ClassVar[bool] = False  # True: worth the reserve when the volume is full (removals)
     tries: int = 0
+    settled: bool = False  # set by the default ``settle``, for a submitter that polls (the flusher's removals)
 
     def apply(self, batch: Batch) -> None:
         """Execute this op's statements inside the open transaction."""
         raise NotImplementedError
 
     def settle(self, failure: Refused | None) -> None:
-        """Tell the submitter how it ended; called on the writer's loop, must not block."""
+        """Tell the submitter how it ended; called on the writer's loop, must not block.
+
+        The default only notes that the writer is done with the op: committed, or failed for good.
+        """
+        self.settled = True
