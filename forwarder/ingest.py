@@ -80,7 +80,10 @@ class IngestServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         old_umask = os.umask(0o177)  # never a moment where the socket is wider than 0600
         try:
-            self._server = await loop.create_unix_server(lambda: _Connection(self, loop), path)
+            # The kernel's cap (net.core.somaxconn), not asyncio's 100: a burst of web workers connecting
+            # while the loop is busy waits in the queue instead of failing with EAGAIN.
+            self._server = await loop.create_unix_server(lambda: _Connection(self, loop), path,
+                                                         backlog=socket.SOMAXCONN)
         finally:
             os.umask(old_umask)
         if self.options.gid is not None:

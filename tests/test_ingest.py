@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import select
+import signal
 import socket
 import sqlite3
 import stat
@@ -282,6 +283,37 @@ def test_stalled_client_does_not_delay_other_clients(daemon: DaemonProcess) -> N
         assert not stalled.readable()  # still connected, still waiting for its line
         stalled.send(line[10:] + b"\n")
         assert stalled.reply() == {"ok": True, "id": "101"}
+
+
+def test_a_burst_of_connects_while_the_daemon_cannot_accept_waits_in_the_listen_queue(
+        daemon: DaemonProcess) -> None:
+    # The daemon is stopped (SIGSTOP), as a busy loop would be: 300 web workers connect at once. Each
+    # connect must be queued by the kernel, not refused with EAGAIN (asyncio's default backlog is 100).
+    assert daemon.proc is not None
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    clients: list[socket.socket] = []
+    refused = 0
+    try:
+        for _ in range(300):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(str(daemon.socket))
+            except BlockingIOError:
+                refused += 1
+                client.close()
+                continue
+            clients.append(client)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    for client in clients:
+        client.setblocking(True)
+        client.sendall(b'{"op":"ping"}\n')
+    replies = [client.makefile("rb").readline() for client in clients]
+    for client in clients:
+        client.close()
+    assert (refused, len(replies)) == (0, 300)
+    assert all(reply.startswith(b'{"ok": true') for reply in replies)
 
 
 def test_idle_clients_are_dropped_after_the_idle_timeout(make_daemon: Callable[..., DaemonProcess]) -> None:
