@@ -400,6 +400,26 @@ def test_control_server_sets_modes_scripts_and_lists_requests(fake_api: FakeTurr
     assert (cleared, fake_api.received()) == ((200, {"ok": True}), [])
 
 
+def test_control_server_on_a_taken_port_fails_at_once_naming_the_address(fake_api: FakeTurretIO) -> None:
+    # It hung: socketserver's failed bind calls server_close, which waited for a serve_forever never started.
+    errors: list[str] = []
+
+    def bind(port: int) -> None:
+        try:
+            ControlServer(fake_api, ("127.0.0.1", port)).server_close()
+        except ForwarderError as e:
+            errors.append(str(e))
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        attempt = threading.Thread(target=bind, args=(port,), daemon=True)  # a hang must not hang the suite
+        attempt.start()
+        attempt.join(timeout=30)
+    assert errors == [f"fake-api control cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
 def test_main_refuses_a_missing_secret_file_before_listening(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^api_secret_file \(--api-secret-file\): No such file"):
         main(["--api-secret-file", str(tmp_path / "absent")])

@@ -46,6 +46,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
     """
 
     def __init__(self, fake: FakeTurretIO, address: tuple[str, int]) -> None:
+        self._thread: threading.Thread | None = None  # a failed bind calls server_close before it exists
         try:
             super().__init__(address, _ControlHandler)
         except OSError as e:
@@ -60,8 +61,9 @@ class ControlServer(http.server.ThreadingHTTPServer):
         return f"http://{self.server_address[0]!s}:{self.server_address[1]}"
 
     def server_close(self) -> None:
-        self.shutdown()
-        self._thread.join()
+        if self._thread is not None:  # shutdown() waits for a serve_forever: only if one was started
+            self.shutdown()
+            self._thread.join()
         super().server_close()
 
 
