@@ -89,7 +89,7 @@ class IngestServer:
         if self.options.gid is not None:
             os.chown(path, -1, self.options.gid)
         os.chmod(path, self.options.mode)
-        logger.info("Listening", extra={"fields": {"socket": str(path), "mode": oct(self.options.mode)}})
+        logger.info("Listening", extra={"fields": {"socket": str(path), "mode": f"{self.options.mode:04o}"}})
 
     async def stop(self, timeout: float) -> None:
         """Refuse new requests, wait up to ``timeout`` for pending acks, then close and remove the socket."""

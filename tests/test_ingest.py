@@ -483,6 +483,8 @@ def test_socket_is_0660_whatever_the_umask(make_daemon: Callable[..., DaemonProc
 def test_socket_mode_is_configurable(make_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = make_daemon(*NO_API, "--socket-mode", "0600").start()
     assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    listening = [r for r in daemon.log_records() if r.get("msg") == "Listening"]
+    assert [r["mode"] for r in listening] == ["0600"]  # as the setting is written, not Python's "0o600"
     assert ping(daemon.socket)
 
 
