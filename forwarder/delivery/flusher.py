@@ -200,13 +200,18 @@ class Flusher:
         self._more = batch.full
         self._cursor = max(self._cursor, batch.last_id)
         for queued in batch.messages:
-            if queued.id not in self._loaded and queued.id not in self._removing:
+            if queued.id not in self._loaded and not self._removal_pending(queued.id):
                 self._loaded.add(queued.id)
                 self._enqueue(queued)
 
+    def _removal_pending(self, message_id: int) -> bool:
+        """Its removal is submitted but not settled; once settled, a stored row is news (a dead letter retried
+        under its id, or a removal that failed for good: sent again, at least once)."""
+        removal = self._removing.get(message_id)
+        return removal is not None and not removal.settled
+
     def _forget_removed(self) -> None:
-        """Stop tracking removals the writer has settled: committed (a re-read no longer finds them), or
-        failed for good (the message stays stored, and is sent again: at least once)."""
+        """Stop tracking removals the writer has settled (it settles them in submission order)."""
         removing = self._removing
         while removing and removing[next(iter(removing))].settled:
             removing.popitem(last=False)
