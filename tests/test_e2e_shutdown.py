@@ -99,7 +99,9 @@ def test_sigterm_under_load_exits_0_keeps_every_ack_and_removes_the_socket(
 
     acked = {message_id for p in producers for message_id in p.acked}
     delivered = {r.idempotency_key for r in fake_api.delivered()}
-    assert acked <= _stored_ids(daemon) | delivered
+    stored = _stored_ids(daemon)
+    assert acked <= stored | delivered
+    assert not stored & delivered  # removals waiting for a commit to ride were committed at the stop
     assert {code for p in producers for code in p.refused} <= {"shutting_down"}
     assert not daemon.socket.exists()
     assert not (daemon.data_dir / "admin.sock").exists()
@@ -109,6 +111,7 @@ def test_sigterm_under_load_exits_0_keeps_every_ack_and_removes_the_socket(
     daemon.start()  # what was stored and not yet delivered goes out after the restart
     daemon.wait_for_status(lambda s: s["backlog"] == 0)
     assert acked <= {r.idempotency_key for r in fake_api.delivered()}
+    assert len(fake_api.delivered()) == len(delivered | stored)  # and nothing delivered before went again
 
 
 def test_sigterm_with_a_stalled_api_abandons_requests_in_time_and_keeps_their_messages(

@@ -22,7 +22,7 @@ import pytest
 from forwarder.errors import AlreadyRunning, OutboxFull, Refused, StorageFailed
 from forwarder.message import Kind, Message
 from forwarder.store import Limits, Outbox, Stats, open_readonly, read_stats, schema
-from forwarder.store.writer import KEY_RETENTION
+from forwarder.store.writer import DEFER_SECONDS, KEY_RETENTION
 from tests.test_ingest import stored_ids
 
 WAIT = 20.0  # seconds; only a bound on a wait for an event, never a measurement
@@ -448,6 +448,38 @@ def test_on_the_callers_loop_acks_cross_no_thread_and_close_commits_what_still_w
     assert not writer_thread
     assert last == 3
     assert stored_ids(data_dir) == [2, 3]
+
+
+def test_a_removal_waits_for_a_commit_to_ride_and_a_put_never_waits_for_it(data_dir: Path,
+                                                                            recorder: _Recorder) -> None:
+    """A delivered message's removal is not worth an fsync of its own: it rides the next commit, or one
+    ``DEFER_SECONDS`` later. The daemon's loop runs here a turn at a time, on a clock the test moves."""
+    loop = asyncio.new_event_loop()
+    clock = [loop.time()]
+    loop.time = lambda: clock[0]  # type: ignore[method-assign]
+
+    def turn() -> list[int]:
+        loop.run_until_complete(asyncio.sleep(0))
+        return list(recorder.commits)
+
+    try:
+        outbox = Outbox(data_dir, events=recorder, loop=loop)
+        first, second = _submit(outbox, _message(1)), _submit(outbox, _message(2))
+        puts = turn()
+        outbox.remove(1)
+        alone = turn()  # no commit for it yet
+        third = _submit(outbox, _message(3))
+        along = turn()  # the put commits at once and takes the removal along
+        outbox.remove(2)
+        turn()
+        clock[0] += DEFER_SECONDS
+        deferred = turn()
+        outbox.close()
+    finally:
+        loop.close()
+    assert (puts, alone, along, deferred) == ([2], [2], [2, 2], [2, 2, 1])
+    assert [put.result(0) for put in (first, second, third)] == [1, 2, 3]
+    assert stored_ids(data_dir) == [3]
 
 
 def test_a_put_after_close_is_refused_not_left_waiting(data_dir: Path) -> None:

@@ -122,6 +122,9 @@ class Op:
     retry_on_failure: ClassVar[bool] = True  # deliveries and admin changes get one more try; puts are refused
     in_transaction: ClassVar[bool] = True  # False: runs alone after the batch's commit (VACUUM)
     frees_space: ClassVar[bool] = False  # True: worth the reserve when the volume is full (removals)
+    # True: worth no commit of its own; rides the next one, or one ``writer.DEFER_SECONDS`` later. For the
+    # delivery's bookkeeping: a crash before it commits costs a resend (same key), never a message.
+    may_wait: ClassVar[bool] = False
     tries: int = 0
     settled: bool = False  # set by the default ``settle``, for a submitter that polls (the flusher's removals)
 

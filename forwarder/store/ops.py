@@ -50,10 +50,11 @@ def delete_message(batch: Batch, message_id: int) -> bool:
 
 @dataclass(eq=False)
 class Remove(Op):
-    """A delivered message leaves the outbox; rides the next group commit."""
+    """A delivered message leaves the outbox; rides the next group commit (``may_wait``)."""
 
     message_id: int
     frees_space: ClassVar[bool] = True
+    may_wait: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         batch.remove(self.message_id)
@@ -66,6 +67,7 @@ class RecordAttempt(Op):
     message_id: int
     error: str
     next_attempt: float | None  # wall clock, for `queue list`
+    may_wait: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         if batch.conn.execute(schema.SELECT_ONE, (self.message_id,)).fetchone() is not None:
@@ -82,6 +84,7 @@ class DeadLetter(Op):
     status: int | None = None
     response: bytes = b""
     counts_attempt: bool = True  # the attempt that failed permanently is counted; expiry/corrupt are not
+    may_wait: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         row = batch.conn.execute(schema.SELECT_ONE, (self.message_id,)).fetchone()

@@ -11,6 +11,11 @@ and a wait for the GIL after every statement, were most of an ack's latency: ``b
 Batches still form: while a commit runs, the loop reads nothing, so every request that arrives meanwhile
 waits in its socket and goes into the next batch. Without a loop (tools, tests) it runs a private one on
 its own thread. The cost: the loop does not read while it commits, so a slow disk delays pings as well.
+
+Ops that may wait (the delivery's removals and attempts, ``Op.may_wait``) get no commit of their own: they
+ride the next one, or one ``DEFER_SECONDS`` later. One fsync per delivered message, on the loop, was a
+quarter of the drain rate at concurrency 1 (``bench/README.md``, item 4); a crash now resends at most the
+deliveries of the last ``DEFER_SECONDS``, with their keys.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ _RECLAIM_STEP = 1024  # pages per incremental vacuum: bounds the work between tw
 KEY_RETENTION = 7 * 86400.0  # seconds an idempotency key is remembered: past any app's retry horizon
 _PRUNE_STEP = 10_000  # keys looked at per pass, so a pass never holds the write lock for long
 _LOCK_RETRY = 0.01  # seconds between two tries at a write lock another process holds
+DEFER_SECONDS = 0.02  # the longest an op that may wait (``Op.may_wait``) waits for a commit to ride
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,7 @@ class Writer:
         self._lock_retry_at = 0.0
         self._waiting: collections.deque[Op] = collections.deque()  # appended from any thread
         self._scheduled = False  # a commit pass is due on the loop: one wake-up however many ops arrive
+        self._deferred = False  # a pass is due in DEFER_SECONDS, for ops that may wait
         self._stopped = False
         self._retry: list[Op] = []
         self._listeners: list[Callable[[], None]] = []
@@ -124,9 +131,14 @@ class Writer:
             op.settle(StorageFailed("the outbox is closed; the daemon is stopping"))
             return
         self._waiting.append(op)
-        if not self._scheduled:
+        if self._scheduled:
+            return
+        if not op.may_wait:
             self._scheduled = True
             call_soon_any_thread(self._loop, self._commit_waiting)
+        elif not self._deferred:
+            self._deferred = True
+            call_soon_any_thread(self._loop, self._arm_deferred)
 
     def stop(self) -> None:
         """Commit everything submitted so far, then close the connection (and the private thread)."""
@@ -146,13 +158,25 @@ class Writer:
         dead = self._conn.execute(schema.COUNT_DEAD).fetchone()[0]
         return Stats(messages, size, oldest[0] if oldest else None, dead)
 
+    def _arm_deferred(self) -> None:
+        self._loop.call_later(DEFER_SECONDS, self._commit_deferred)
+
+    def _commit_deferred(self) -> None:
+        """The pass for ops that may wait, unless one already due takes them along."""
+        self._deferred = False
+        if not self._scheduled:
+            self._scheduled = True
+            self._commit_waiting()
+
     def _commit_waiting(self) -> None:
         """One pass on the loop: commit what waits; when nothing does, one step of maintenance."""
         self._scheduled = False  # before taking the ops: one submitted from now on schedules another pass
         if self._stopped:  # a pass left on the caller's loop after ``stop`` committed everything
             return
+        cut = False
         try:
             batch = self._next_batch()
+            cut = len(batch) >= MAX_BATCH
             if batch:
                 self._commit(batch)
             more = bool(self._waiting or self._retry) or self._maintain()
@@ -160,7 +184,9 @@ class Writer:
             self.commit_healthy = False
             logger.exception("Outbox writer failed")
             more = bool(self._waiting)
-        if more and not self._scheduled:
+        # Ops submitted during this pass that may wait armed the deferred pass: they wait for it. Ops left by
+        # a batch cut at MAX_BATCH, a retry, or more maintenance go next.
+        if more and not self._scheduled and (cut or self._retry or not self._deferred):
             self._scheduled = True
             delay = self._lock_retry_at - time.monotonic()
             if delay > 0:  # the batch waits for another process's write lock; ingest reads on meanwhile
