@@ -184,8 +184,8 @@ class Writer:
             self.commit_healthy = False
             logger.exception("Outbox writer failed")
             more = bool(self._waiting)
-        # Ops submitted during this pass that may wait armed the deferred pass: they wait for it. Ops left by
-        # a batch cut at MAX_BATCH, a retry, or more maintenance go next.
+        # Ops that may wait, submitted during this pass, armed the deferred pass: they wait for it, and so
+        # does more maintenance. What a batch cut at MAX_BATCH or a failed commit left goes next.
         if more and not self._scheduled and (cut or self._retry or not self._deferred):
             self._scheduled = True
             delay = self._lock_retry_at - time.monotonic()
