@@ -33,6 +33,7 @@ run() {
 }
 
 run ack_latency bench/ack_latency.py --rounds 5 --requests 2000 --rabbitmq-requests 1000 --sequential 5000
+run ack_budget bench/ack_budget.py
 run concurrency bench/concurrency.py --producers 1 16 64 256 --seconds 3 --rounds 3
 run concurrency-ping bench/concurrency.py --ping --producers 1 16 64 256 --seconds 3 --rounds 3
 run drain bench/drain.py --delays 0 0.05 --concurrency 1 8 32 128 --seconds 3 --rounds 3 --backlog 20000
