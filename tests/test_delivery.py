@@ -130,6 +130,27 @@ def test_an_answer_to_a_request_sent_before_the_endpoint_failed_does_not_reopen_
     assert [name for name, _ in _gate_logs(caplog)] == ["Upstream failing", "Upstream reachable again"]
 
 
+def test_a_flush_during_an_outage_probes_at_once_and_its_answer_logs_the_recovery(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The first attempt fails and the endpoint backs off for 10 minutes; the API is back, the operator
+    # flushes. The outage's end must be logged like any other, with the attempts it took.
+    fake_api.script(Respond(503))
+    ids = _queue(outbox, 1)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api, backoff_base="10m", backoff_cap="1h"))
+    caplog.set_level(logging.INFO, logger="forwarder.delivery")
+    flusher.start()
+    try:
+        fake_api.wait_for_count(1, timeout=10, delivered=False)
+        _wait_until(lambda: flusher.state == "backing_off")
+        flusher.flush()
+        fake_api.wait_for_count(1, timeout=10)
+        _wait_until(lambda: flusher.state == "running")
+    finally:
+        flusher.stop(timeout=5)
+    assert [int(r.idempotency_key or 0) for r in fake_api.delivered()] == ids
+    assert _gate_logs(caplog) == [("Upstream failing", None), ("Upstream reachable again", 1)]
+
+
 def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_is_not_committed_yet(
         fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path) -> None:
     # Another process holds SQLite's write lock, so the removal of the delivered first message waits.

@@ -92,7 +92,7 @@ class Flusher:
             self._events.put(Signal.CREDENTIALS)
 
     def flush(self) -> None:
-        """Retry everything now: forget every backoff and re-read the outbox."""
+        """Retry everything now: end every backoff (the endpoint's with a probe) and re-read the outbox."""
         self._events.put(Signal.FLUSH)
 
     def resync(self) -> None:
@@ -297,7 +297,7 @@ class Flusher:
 
     def _flush_now(self) -> None:
         logger.info("Flush requested: retrying everything now")
-        self._gate.reset()
+        self._gate.probe_now()
         self._next_auth_probe = 0.0
         self._resync()
 

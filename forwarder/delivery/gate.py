@@ -60,5 +60,10 @@ class EndpointGate:
             self.reset()
 
     def reset(self) -> None:
-        """Open the gate now (an operator's flush, or an answer from the API)."""
+        """Open the gate: a probe got an answer."""
         self.failures, self._until = 0, 0.0
+
+    def probe_now(self) -> None:
+        """An operator's flush: end the wait; the next request is a probe, and its answer reopens the gate
+        (and logs the outage's end, as any other answer would)."""
+        self._until = 0.0
