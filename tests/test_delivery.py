@@ -29,7 +29,7 @@ from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
 from forwarder.message import Kind, Message, QueuedMessage
 from forwarder.metrics import Metrics, Snapshot
-from forwarder.store import Outbox, list_queue, open_readonly, schema
+from forwarder.store import Outbox, Window, list_queue, open_readonly, schema
 from forwarder.turretio import Credentials, Delivered, TurretUpstream
 from tests.conftest import API_KEY, API_SECRET
 
@@ -151,29 +151,66 @@ def test_a_flush_during_an_outage_probes_at_once_and_its_answer_logs_the_recover
     assert _gate_logs(caplog) == [("Upstream failing", None), ("Upstream reachable again", 1)]
 
 
-def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_is_not_committed_yet(
-        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path) -> None:
+class _Commits:
+    """An ``Events`` that lets a test wait for the writer's next commit."""
+
+    def __init__(self) -> None:
+        self.next = threading.Event()
+
+    def committed(self, ops: int, seconds: float) -> None:
+        self.next.set()
+
+    def storage_error(self, kind: str) -> None:
+        pass
+
+    def dead_letter(self, reason: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("commit_during_the_read", [False, True])
+def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_was_not_committed(
+        fake_api: FakeTurretIO, tmp_path: Path, commit_during_the_read: bool) -> None:
     # Another process holds SQLite's write lock, so the removal of the delivered first message waits.
     # The flush re-reads the outbox from its start and finds that message still stored: it must not go
-    # again (a duplicate, and for its user older news after newer). One request at a time, in id order,
-    # so a resend would come before the second message's retry.
+    # again (a duplicate, and for its user older news after newer). With ``commit_during_the_read`` the
+    # lock is let go after the re-read took its snapshot and before the flusher looks at the rows, so
+    # the removal is committed by then, and still the rows of that snapshot hold the message.
+    # One request at a time, in id order: a resend would come before the second message's retry.
     fake_api.script(Respond(200, b"{}"), Respond(503))
-    first, second = _queue(outbox, 2)
-    flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="1", backoff_base="10m",
-                                       backoff_cap="1h"))
-    blocker = sqlite3.connect(outbox.data_dir / schema.DB_FILE, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    flusher.start()
-    try:
-        fake_api.wait_for_count(2, timeout=10, delivered=False)
-        _wait_until(lambda: flusher.state == "backing_off")  # the 503 is handled: the second one waits 10 min
-        flusher.flush()
-        fake_api.wait_for_count(2, timeout=10)  # the second one, retried at once by the flush
-    finally:
-        blocker.close()
-        flusher.stop(timeout=5)
+    commits = _Commits()
+    with Outbox(tmp_path / "data", events=commits) as outbox:
+        first, second = _queue(outbox, 2)
+        flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="1", backoff_base="10m",
+                                           backoff_cap="1h"))
+        blocker = sqlite3.connect(outbox.data_dir / schema.DB_FILE, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        flusher.start()
+        try:
+            fake_api.wait_for_count(2, timeout=10, delivered=False)
+            _wait_until(lambda: flusher.state == "backing_off")  # the 503 is handled: the second one waits
+            if commit_during_the_read:
+                _commit_after_the_next_read(outbox, blocker, commits)
+            flusher.flush()
+            fake_api.wait_for_count(2, timeout=10)  # the second one, retried at once by the flush
+        finally:
+            blocker.close()
+            flusher.stop(timeout=5)
     assert [(int(r.idempotency_key or 0), r.status) for r in fake_api.received()] == [
         (first, 200), (second, 503), (second, 200)]
+
+
+def _commit_after_the_next_read(outbox: Outbox, blocker: sqlite3.Connection, commits: _Commits) -> None:
+    """The next ``read_window`` returns its rows only after the blocker let go and the writer committed."""
+    read_window = outbox.read_window
+
+    def read_then_commit(after_id: int, limit: int) -> Window:
+        window = read_window(after_id, limit)
+        commits.next.clear()
+        blocker.execute("ROLLBACK")
+        assert commits.next.wait(10)
+        outbox.read_window = read_window  # type: ignore[method-assign]
+        return window
+    outbox.read_window = read_then_commit  # type: ignore[method-assign]
 
 
 def test_missing_credentials_warn_once_per_interval_while_messages_wait_not_once_per_message(

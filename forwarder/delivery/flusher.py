@@ -196,19 +196,17 @@ class Flusher:
         self._more = self._doorbell.take() or self._more
         if not self._more or not self._has_room():
             return
+        # Taken before the read: a removal committed while the read runs is not in its snapshot. A row whose
+        # removal had settled before is news (a dead letter retried under its id, or a removal that failed
+        # for good: sent again, at least once).
+        unremoved = {message_id for message_id, removal in self._removing.items() if not removal.settled}
         batch = self.outbox.read_window(self._cursor, self._config.window_messages - len(self._loaded))
         self._more = batch.full
         self._cursor = max(self._cursor, batch.last_id)
         for queued in batch.messages:
-            if queued.id not in self._loaded and not self._removal_pending(queued.id):
+            if queued.id not in self._loaded and queued.id not in unremoved:
                 self._loaded.add(queued.id)
                 self._enqueue(queued)
-
-    def _removal_pending(self, message_id: int) -> bool:
-        """Its removal is submitted but not settled; once settled, a stored row is news (a dead letter retried
-        under its id, or a removal that failed for good: sent again, at least once)."""
-        removal = self._removing.get(message_id)
-        return removal is not None and not removal.settled
 
     def _forget_removed(self) -> None:
         """Stop tracking removals the writer has settled (it settles them in submission order)."""
