@@ -143,9 +143,11 @@ def _print_rows(args: argparse.Namespace, rows: list[dict[str, Any]], columns: t
 def _cell(row: dict[str, Any], column: str, now: float) -> str:
     if column == "age":
         return _duration(now - row["enqueued_at"])
-    if column == "next_try":
+    if column == "next_try":  # "due": its own wait is over; a busy window or the endpoint's backoff may hold it
         next_try = row.get("next_attempt")
-        return "-" if next_try is None else ("now" if next_try <= now else f"in {_duration(next_try - now)}")
+        if next_try is None or row.get("held"):
+            return "-"
+        return "due" if next_try <= now else f"in {_duration(next_try - now)}"
     value = row.get(column)
     text = "-" if value is None or value == "" else str(value)
     return text if len(text) <= 48 else text[:45] + "..."

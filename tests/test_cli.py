@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forwarder import __version__
+from forwarder.admin import _cell
 from tests.support.daemon import DaemonProcess
 from tests.test_ingest import stored_records
 
@@ -180,3 +181,13 @@ def test_an_unknown_option_is_refused_naming_it() -> None:
     result = _run("status", "--bogus")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == "turret-forwarder: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize(("row", "shown"), [
+    ({"next_attempt": None, "held": False}, "-"),  # never tried
+    ({"next_attempt": 990.0, "held": False}, "due"),  # its own wait is over: not "now", the endpoint may wait
+    ({"next_attempt": 1090.0, "held": False}, "in 1.5m"),
+    ({"next_attempt": 990.0, "held": True}, "-"),  # held: not tried until released
+])
+def test_queue_lists_next_try_says_when_a_message_may_go(row: dict[str, object], shown: str) -> None:
+    assert _cell(row, "next_try", now=1000.0) == shown
