@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forwarder.errors import AlreadyRunning, ForwarderError, MessageTooLarge, Refused, ShuttingDown
+from forwarder.errors import AlreadyRunning, ForwarderError, InvalidMessage, MessageTooLarge, Refused, ShuttingDown
 from forwarder.metrics import OPS, REFUSAL_REASONS, Metrics
 from forwarder.protocol import Ping, StatusRequest, encode_ok, encode_refusal, parse_frame
 from forwarder.store import Outbox, call_soon_any_thread
@@ -196,7 +196,7 @@ class _Connection(asyncio.Protocol):
             self.flush()
 
     def eof_received(self) -> bool:
-        self._eof = True  # a half line stores nothing; the complete ones and their replies still go
+        self._eof = True  # the complete lines and their replies still go; a half line is refused, not stored
         self.flush()
         return True  # keep the transport: the close happens in flush once every reply is out
 
@@ -240,6 +240,9 @@ class _Connection(asyncio.Protocol):
         del buffer[:start]
         if self._eof and self._open and b"\n" not in buffer:
             self._open = False  # only a half line is left, and nothing more will come
+            if buffer.strip():
+                self._replies.append(self._server.refuse(InvalidMessage(
+                    "the stream ended inside a request line (no newline after it); it was not stored")))
         return start > 0
 
     def _refuse_too_large(self, limit: int) -> None:

@@ -214,12 +214,18 @@ def test_three_messages_in_one_write_are_all_stored(daemon: DaemonProcess) -> No
         "user0@example.com", "user1@example.com", "user2@example.com"]
 
 
-def test_half_a_message_then_close_stores_nothing_and_gets_no_reply(daemon: DaemonProcess) -> None:
+@pytest.mark.parametrize("sent", ["half", "all but the newline"])
+def test_a_request_cut_by_the_end_of_the_stream_is_refused_and_stores_nothing(daemon: DaemonProcess,
+                                                                                sent: str) -> None:
+    # A writer that half-closes after a line without its newline (printf without \n, or a crash mid-write)
+    # is told so: never silence, and never a guess that the bytes were the whole request.
     line = _set_line()
     with Line(daemon.socket) as conn:
-        conn.send(line[: len(line) // 2])
+        conn.send(line[: len(line) // 2] if sent == "half" else line)
         conn.sock.shutdown(socket.SHUT_WR)
-        assert conn.rest_until_closed() == b""  # the daemon saw the EOF and closed its side
+        assert json.loads(conn.rest_until_closed()) == {  # then the daemon closed its side
+            "ok": False, "error": "invalid",
+            "detail": "the stream ended inside a request line (no newline after it); it was not stored"}
     assert daemon.status()["backlog"] == 0
     with Line(daemon.socket) as conn:
         assert conn.ask(line) == {"ok": True, "id": "1"}  # no id was spent on the half
