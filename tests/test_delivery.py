@@ -29,7 +29,7 @@ from forwarder.errors import Refused
 from forwarder.fakeapi import FakeTurretIO, Respond
 from forwarder.message import Kind, Message, QueuedMessage
 from forwarder.metrics import Metrics, Snapshot
-from forwarder.store import Outbox, Window, list_queue, open_readonly, schema
+from forwarder.store import Outbox, Window, admin, list_queue, open_readonly, schema
 from forwarder.turretio import Credentials, Delivered, TurretUpstream
 from tests.conftest import API_KEY, API_SECRET
 
@@ -211,6 +211,36 @@ def _commit_after_the_next_read(outbox: Outbox, blocker: sqlite3.Connection, com
         outbox.read_window = read_window  # type: ignore[method-assign]
         return window
     outbox.read_window = read_then_commit  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("change", ["purge", "hold"])
+def test_a_message_purged_or_held_while_its_request_is_in_flight_is_not_tried_again(
+        fake_api: FakeTurretIO, outbox: Outbox, tmp_path: Path, change: str) -> None:
+    # The operator purges (or holds) a user's first message while its request is in flight; the API then
+    # answers 500. The message must not be retried: the user's second message goes next.
+    fake_api.script(Respond(500))
+    first, second = _queue_one_user(outbox, 2)
+    flusher = _flusher(outbox, _config(tmp_path, fake_api, backoff_base="100ms", backoff_cap="200ms"))
+    fake_api.hold()
+    flusher.start()
+    try:
+        fake_api.wait_for_held(1, timeout=10)
+        outbox.admin(admin.purge(first) if change == "purge" else admin.hold(first, True)).result(10)
+        flusher.resync()  # as the daemon does after an operator's change
+        fake_api.release()
+        fake_api.wait_for_count(1, timeout=10)
+    finally:
+        flusher.stop(timeout=5)
+    assert [(int(r.idempotency_key or 0), r.status) for r in fake_api.received()] == [(first, 500), (second, 200)]
+
+
+def _queue_one_user(outbox: Outbox, count: int) -> list[int]:
+    futures: list[concurrent.futures.Future[int]] = []
+    for n in range(count):
+        futures.append(concurrent.futures.Future())
+        outbox.put(Message(Kind.SET, {"email": "one@example.com", "attributes": {"n": str(n)}, "properties": {}}),
+                   _settle(futures[-1]))
+    return [future.result(timeout=10) for future in futures]
 
 
 def test_missing_credentials_warn_once_per_interval_while_messages_wait_not_once_per_message(

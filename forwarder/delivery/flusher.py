@@ -19,12 +19,12 @@ import time
 from forwarder.backoff import Backoff
 from forwarder.config import Config
 from forwarder.delivery.gate import EndpointGate
-from forwarder.delivery.lanes import Done, Doorbell, Job, Lane, Signal
+from forwarder.delivery.lanes import Done, Doorbell, Job, Lane, Removals, Signal
 from forwarder.delivery.sender import Sender
 from forwarder.logs import RateLimitedLog
 from forwarder.message import QueuedMessage
 from forwarder.metrics import Metrics
-from forwarder.store import Op, Outbox
+from forwarder.store import Outbox
 from forwarder.turretio import Credentials, Dead, Delivered, PauseAuth, Result, Retry, Upstream
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ class Flusher:
         self._parked: list[Lane] = []  # heads that need credentials we lack, or that the API refused
         self._seq = itertools.count()
         self._loaded: set[int] = set()
-        # Delivered or dead-lettered, their removal not committed yet: a re-read from the start (a resync)
-        # still finds them stored, and must not send them again. In submission order, which is commit order.
-        self._removing: collections.OrderedDict[int, Op] = collections.OrderedDict()
+        self._removals = Removals()
         self._cursor = 0
         self._more = True  # the outbox may hold messages after the cursor
         self._in_flight = 0
@@ -192,14 +190,10 @@ class Flusher:
         return window - len(self._loaded) >= max(1, window // 4)
 
     def _refill(self) -> None:
-        self._forget_removed()
         self._more = self._doorbell.take() or self._more
         if not self._more or not self._has_room():
             return
-        # Taken before the read: a removal committed while the read runs is not in its snapshot. A row whose
-        # removal had settled before is news (a dead letter retried under its id, or a removal that failed
-        # for good: sent again, at least once).
-        unremoved = {message_id for message_id, removal in self._removing.items() if not removal.settled}
+        unremoved = self._removals.unsettled()
         batch = self.outbox.read_window(self._cursor, self._config.window_messages - len(self._loaded))
         self._more = batch.full
         self._cursor = max(self._cursor, batch.last_id)
@@ -207,12 +201,6 @@ class Flusher:
             if queued.id not in self._loaded and queued.id not in unremoved:
                 self._loaded.add(queued.id)
                 self._enqueue(queued)
-
-    def _forget_removed(self) -> None:
-        """Stop tracking removals the writer has settled (it settles them in submission order)."""
-        removing = self._removing
-        while removing and removing[next(iter(removing))].settled:
-            removing.popitem(last=False)
 
     def _enqueue(self, queued: QueuedMessage) -> None:
         key = self.upstream.ordering_key(queued.message)
@@ -254,7 +242,7 @@ class Flusher:
         message_id = lane.messages[0].id
         self._dead_log.warn(f"dead:{reason}", "Message moved to the dead letters; see `dead list`",
                             {"id": message_id, "reason": reason, "status": status})
-        self._removing[message_id] = self.outbox.dead_letter(message_id, reason, status, response, counts_attempt)
+        self._removals.add(message_id, self.outbox.dead_letter(message_id, reason, status, response, counts_attempt))
         self._advance(lane)
 
     def _send(self, lane: Lane, queued: QueuedMessage, probe: bool) -> None:
@@ -307,6 +295,7 @@ class Flusher:
                 self._loaded.discard(queued.id)
         for lane in in_flight.values():
             lane.messages = collections.deque([lane.messages[0]])
+            lane.resynced = True
         self._lanes = in_flight
         self._ready.clear()
         self._delayed.clear()
@@ -332,6 +321,7 @@ class Flusher:
         self._in_flight -= 1
         job, outcome = done.job, done.outcome
         job.lane.in_flight = False
+        resynced, job.lane.resynced = job.lane.resynced, False
         if job.probe:
             self._gate.probing = False
         self.metrics.attempts.labels(outcome.result.value).inc()
@@ -340,19 +330,28 @@ class Flusher:
         elif isinstance(outcome, Dead):
             self._gate.answered(job.probe)
             self._dead_letter(job.lane, outcome.reason, outcome.status, outcome.body)
+        elif resynced and not self.outbox.deliverable(job.queued.id):
+            self._on_withdrawn(job, outcome)
         elif isinstance(outcome, PauseAuth):
             self._on_auth_refused(job, outcome)
         else:
             self._on_retry(job, outcome)
 
     def _on_delivered(self, job: Job) -> None:
-        self._removing[job.queued.id] = self.outbox.remove(job.queued.id)
+        self._removals.add(job.queued.id, self.outbox.remove(job.queued.id))
         self.last_delivery_at = time.time()
         self.metrics.delivered.inc()
         self.metrics.end_to_end.observe(max(0.0, self.last_delivery_at - job.queued.enqueued_at))
         self._gate.answered(job.probe)
         if self._auth_paused and job.credentials is not None and job.credentials == self._credentials:
             self._resume_credentials("the API accepted the credentials again")
+        self._advance(job.lane)
+
+    def _on_withdrawn(self, job: Job, outcome: Retry | PauseAuth) -> None:
+        """Purged or held by an operator while its request was in flight (the resync kept its lane): the
+        endpoint still hears of the failure, but the message is not tried again."""
+        if isinstance(outcome, Retry) and outcome.endpoint:
+            self._gate.failed(outcome, job.probe, Backoff(self._config.backoff_base, self._config.backoff_cap))
         self._advance(job.lane)
 
     def _on_auth_refused(self, job: Job, outcome: PauseAuth) -> None:

@@ -8,6 +8,7 @@ import queue
 from dataclasses import dataclass, field
 
 from forwarder.message import QueuedMessage
+from forwarder.store import Op
 from forwarder.turretio import Credentials, Outcome
 
 
@@ -20,6 +21,7 @@ class Lane:
     failures: int = 0  # consecutive message-level failures of the head, for its backoff
     busy: bool = False  # head in flight, delayed, or parked: not in the ready queue
     in_flight: bool = False
+    resynced: bool = False  # an operator changed the outbox while the head was in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,29 @@ class Job:
 class Done:
     job: Job
     outcome: Outcome
+
+
+class Removals:
+    """Delivered or dead-lettered messages whose removal the writer has not settled yet.
+
+    A re-read from the start of the outbox (a resync) still finds them stored, and must not send them
+    again. Kept in submission order, the order the writer settles them in.
+    """
+
+    def __init__(self) -> None:
+        self._ops: collections.OrderedDict[int, Op] = collections.OrderedDict()
+
+    def add(self, message_id: int, removal: Op) -> None:
+        ops = self._ops
+        while ops and next(iter(ops.values())).settled:
+            ops.popitem(last=False)
+        ops[message_id] = removal
+
+    def unsettled(self) -> set[int]:
+        """Take it before a read: a removal committed while the read runs is not in its snapshot. A row whose
+        removal had settled before is news (a dead letter retried under its id, or a removal that failed for
+        good: sent again, at least once)."""
+        return {message_id for message_id, removal in self._ops.items() if not removal.settled}
 
 
 class Signal(enum.Enum):

@@ -141,6 +141,11 @@ class Outbox:
         self._writer.submit(op)
         return op
 
+    def deliverable(self, message_id: int) -> bool:
+        """Still queued and not held, as of the last commit (a request in flight meanwhile may have been
+        purged or held by an operator)."""
+        return reader.deliverable(self._reader, message_id)
+
     def read_window(self, after_id: int, limit: int) -> Window:
         """Deliverable messages after ``after_id``; corrupt rows are sent to the dead letters on the way."""
         rows = reader.read_window(self._reader, after_id, limit)

@@ -29,6 +29,11 @@ def read_window(conn: sqlite3.Connection, after_id: int, limit: int) -> list[Que
     return [_decode(*row) for row in rows]
 
 
+def deliverable(conn: sqlite3.Connection, message_id: int) -> bool:
+    """Still queued and not held: what a window would read of it."""
+    return conn.execute(schema.DELIVERABLE, (message_id,)).fetchone() is not None
+
+
 def _decode(message_id: int, data: bytes, enqueued_at: float, attempts: int) -> QueuedMessage | CorruptRow:
     try:
         message = message_from_record(schema.decode_record(data))

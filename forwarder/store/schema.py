@@ -71,6 +71,8 @@ PRUNE_KEYS = """DELETE FROM idempotency_keys WHERE created < ? AND rowid IN
 WINDOW = f"""SELECT o._id, o.data, o.timestamp, COALESCE(s.attempts, 0)
     FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
     WHERE o._id > ? AND COALESCE(s.held, 0) = 0 ORDER BY o._id LIMIT ?"""
+DELIVERABLE = f"""SELECT 1 FROM {TABLE} o LEFT JOIN message_state s ON s.message_id = o._id
+    WHERE o._id = ? AND COALESCE(s.held, 0) = 0"""
 RECORD_ATTEMPT = """INSERT INTO message_state (message_id, attempts, first_attempt, last_attempt, last_error,
     next_attempt) VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET attempts = attempts + 1,
     last_attempt = excluded.last_attempt, last_error = excluded.last_error, next_attempt = excluded.next_attempt"""
