@@ -32,6 +32,7 @@ from forwarder.metrics import Metrics, Snapshot
 from forwarder.store import Outbox, Window, admin, list_queue, open_readonly, schema
 from forwarder.turretio import Credentials, Delivered, TurretUpstream
 from tests.conftest import API_KEY, API_SECRET
+from tests.test_store import _Recorder
 
 
 class _Ceiling(random.Random):
@@ -52,14 +53,16 @@ def _config(tmp_path: Path, api: FakeTurretIO, **flags: str) -> Config:
                         **flags}, {})
 
 
-def _queue(outbox: Outbox, users: int) -> list[int]:
-    """One set per user, committed before the flusher starts, so its first window holds them all."""
+def _queue(outbox: Outbox, users: int, one_user: bool = False) -> list[int]:
+    """One set per user (or ``users`` sets of one user), committed before the flusher starts, so its first
+    window holds them all."""
     futures: list[concurrent.futures.Future[int]] = []
     for n in range(users):
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         futures.append(future)
-        outbox.put(Message(Kind.SET, {"email": f"user{n}@example.com", "attributes": {"n": str(n)},
-                                      "properties": {}}), _settle(future))
+        email = "one@example.com" if one_user else f"user{n}@example.com"
+        outbox.put(Message(Kind.SET, {"email": email, "attributes": {"n": str(n)}, "properties": {}}),
+                   _settle(future))
     return [future.result(timeout=10) for future in futures]
 
 
@@ -151,22 +154,6 @@ def test_a_flush_during_an_outage_probes_at_once_and_its_answer_logs_the_recover
     assert _gate_logs(caplog) == [("Upstream failing", None), ("Upstream reachable again", 1)]
 
 
-class _Commits:
-    """An ``Events`` that lets a test wait for the writer's next commit."""
-
-    def __init__(self) -> None:
-        self.next = threading.Event()
-
-    def committed(self, ops: int, seconds: float) -> None:
-        self.next.set()
-
-    def storage_error(self, kind: str) -> None:
-        pass
-
-    def dead_letter(self, reason: str) -> None:
-        pass
-
-
 @pytest.mark.parametrize("commit_during_the_read", [False, True])
 def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_was_not_committed(
         fake_api: FakeTurretIO, tmp_path: Path, commit_during_the_read: bool) -> None:
@@ -177,7 +164,7 @@ def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_was_not_c
     # the removal is committed by then, and still the rows of that snapshot hold the message.
     # One request at a time, in id order: a resend would come before the second message's retry.
     fake_api.script(Respond(200, b"{}"), Respond(503))
-    commits = _Commits()
+    commits = _Recorder()
     with Outbox(tmp_path / "data", events=commits) as outbox:
         first, second = _queue(outbox, 2)
         flusher = _flusher(outbox, _config(tmp_path, fake_api, concurrency="1", backoff_base="10m",
@@ -199,15 +186,15 @@ def test_a_flush_does_not_send_again_a_delivered_message_whose_removal_was_not_c
         (first, 200), (second, 503), (second, 200)]
 
 
-def _commit_after_the_next_read(outbox: Outbox, blocker: sqlite3.Connection, commits: _Commits) -> None:
+def _commit_after_the_next_read(outbox: Outbox, blocker: sqlite3.Connection, commits: _Recorder) -> None:
     """The next ``read_window`` returns its rows only after the blocker let go and the writer committed."""
     read_window = outbox.read_window
 
     def read_then_commit(after_id: int, limit: int) -> Window:
         window = read_window(after_id, limit)
-        commits.next.clear()
+        committed = sum(commits.commits)
         blocker.execute("ROLLBACK")
-        assert commits.next.wait(10)
+        commits.wait_for_ops(committed + 1)
         outbox.read_window = read_window  # type: ignore[method-assign]
         return window
     outbox.read_window = read_then_commit  # type: ignore[method-assign]
@@ -219,7 +206,7 @@ def test_a_message_purged_or_held_while_its_request_is_in_flight_is_not_tried_ag
     # The operator purges (or holds) a user's first message while its request is in flight; the API then
     # answers 500. The message must not be retried: the user's second message goes next.
     fake_api.script(Respond(500))
-    first, second = _queue_one_user(outbox, 2)
+    first, second = _queue(outbox, 2, one_user=True)
     flusher = _flusher(outbox, _config(tmp_path, fake_api, backoff_base="100ms", backoff_cap="200ms"))
     fake_api.hold()
     flusher.start()
@@ -232,15 +219,6 @@ def test_a_message_purged_or_held_while_its_request_is_in_flight_is_not_tried_ag
     finally:
         flusher.stop(timeout=5)
     assert [(int(r.idempotency_key or 0), r.status) for r in fake_api.received()] == [(first, 500), (second, 200)]
-
-
-def _queue_one_user(outbox: Outbox, count: int) -> list[int]:
-    futures: list[concurrent.futures.Future[int]] = []
-    for n in range(count):
-        futures.append(concurrent.futures.Future())
-        outbox.put(Message(Kind.SET, {"email": "one@example.com", "attributes": {"n": str(n)}, "properties": {}}),
-                   _settle(futures[-1]))
-    return [future.result(timeout=10) for future in futures]
 
 
 def test_missing_credentials_warn_once_per_interval_while_messages_wait_not_once_per_message(
